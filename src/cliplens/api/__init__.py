@@ -1,0 +1,1 @@
+"""The HTTP edge: controllers, request/response bodies, and the request-level error vocabulary."""

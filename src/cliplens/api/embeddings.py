@@ -1,0 +1,128 @@
+"""POST /v1/embeddings and /v1/embeddings/upload: parse, check, run the pipeline, build the envelope.
+
+Every response carries `Server-Timing` (one entry per stage and the total, from the same stamps as
+the spans and histograms) and `X-Trace-Id` (the request's trace, to look up in Jaeger).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+import numpy as np
+from litestar import Controller, Response, post
+from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, MultipartBody
+from opentelemetry import trace
+
+from cliplens.api.errors import empty_input, too_many_items, trace_headers, unknown_model
+from cliplens.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, ItemErrorBody, Usage
+from cliplens.pipeline.references import InlineReference, Reference
+from cliplens.pipeline.service import Embeddings
+from cliplens.runtime import Runtime
+
+
+@dataclass
+class UploadForm:
+    """multipart/form-data for /v1/embeddings/upload: one or more parts named `files`."""
+
+    files: list[UploadFile] = field(default_factory=list)
+    model: str | None = None
+    encoding_format: str = "float"
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(v) for v in np.asarray(vector, dtype=np.float32)]
+
+
+def _check_model(runtime: Runtime, asked: str | None) -> None:
+    served = runtime.service.model
+    if asked is not None and asked not in (served.id, served.architecture):
+        raise unknown_model(asked, served.id)
+
+
+def _check_count(runtime: Runtime, count: int) -> None:
+    if count == 0:
+        raise empty_input()
+    if count > runtime.settings.max_inputs:
+        raise too_many_items(count, runtime.settings.max_inputs)
+
+
+def _respond(
+    runtime: Runtime, embeddings: Embeddings, encoding_format: str, modality: str
+) -> Response[EmbeddingResponse]:
+    data: list[EmbeddingData] = []
+    errors: list[ItemErrorBody] = []
+    tokens = 0
+    for result in sorted(embeddings.results, key=lambda r: r.index):
+        if result.vector is not None:
+            data.append(EmbeddingData(index=result.index, embedding=_encode(result.vector, encoding_format)))
+            tokens += result.tokens
+        elif result.error is not None:
+            errors.append(
+                ItemErrorBody(
+                    index=result.index,
+                    input=result.input,
+                    code=result.error.code.value,
+                    message=result.error.message,
+                )
+            )
+    images = len(data) if modality == "image" else 0
+    body = EmbeddingResponse(
+        model=runtime.service.model.id,
+        data=data,
+        errors=errors,
+        usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
+    )
+    headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
+    return Response(body, headers=headers)
+
+
+def _current_span() -> trace.SpanContext:
+    return trace.get_current_span().get_span_context()
+
+
+class EmbeddingsController(Controller):
+    path = "/v1/embeddings"
+    tags = ["embeddings"]
+
+    @post("/", status_code=200, summary="Embed images (or texts) given by reference")
+    async def create(
+        self, data: JSONBody[EmbeddingRequest], runtime: NamedDependency[Runtime]
+    ) -> Response[EmbeddingResponse]:
+        """Each item is an object name, a gs:// URI or a data: URI (or a text, with modality=text)."""
+        items = [data.input] if isinstance(data.input, str) else data.input
+        _check_count(runtime, len(items))
+        _check_model(runtime, data.model)
+        service = runtime.service
+        if data.dimensions is not None and data.dimensions != service.model.dimension:
+            raise unknown_model(
+                f"{data.model or service.model.id} with {data.dimensions} dimensions", service.model.id
+            )
+        if data.modality == "text":
+            embeddings = await service.embed_texts(items, _current_span())
+        else:
+            embeddings = await service.embed_images(list(items), _current_span())
+        return _respond(runtime, embeddings, data.encoding_format, data.modality)
+
+    @post("/upload", status_code=200, summary="Embed uploaded image files")
+    async def upload(
+        self,
+        data: MultipartBody[UploadForm],
+        runtime: NamedDependency[Runtime],
+    ) -> Response[EmbeddingResponse]:
+        """multipart/form-data with one or more parts named `files`; each item's `input` is its file name."""
+        _check_count(runtime, len(data.files))
+        _check_model(runtime, data.model)
+        encoding_format = data.encoding_format if data.encoding_format in ("float", "base64") else "float"
+        limit = runtime.settings.max_image_bytes
+        items: list[str | Reference] = []
+        for index, upload in enumerate(data.files):
+            content = await upload.read(limit + 1)
+            await upload.close()
+            items.append(InlineReference(content, upload.filename or f"file-{index}"))
+        embeddings = await runtime.service.embed_images(items, _current_span())
+        return _respond(runtime, embeddings, encoding_format, "image")

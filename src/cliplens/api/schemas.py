@@ -1,0 +1,84 @@
+"""Request and response bodies of the HTTP API (msgspec Structs): a public contract.
+
+The embeddings envelope is OpenAI's, so the official `openai` client works unchanged, plus the
+`modality` extension other embedding servers use, and an `errors` list for the items that failed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/embeddings."""
+
+    input: str | list[str]
+    model: str | None = None
+    modality: Literal["image", "text"] = "image"
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EmbeddingData(msgspec.Struct, kw_only=True):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class ItemErrorBody(msgspec.Struct, kw_only=True):
+    index: int
+    input: str
+    code: str
+    message: str
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    images: int = 0
+
+
+class EmbeddingResponse(msgspec.Struct, kw_only=True):
+    model: str
+    data: list[EmbeddingData]
+    errors: list[ItemErrorBody]
+    usage: Usage
+    object: str = "list"
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    dimension: int
+    device: str
+    dtype: str
+    architecture: str
+    image_size: list[int]
+    random_weights: bool
+    object: str = "model"
+    owned_by: str = "cliplens"
+    warning: str | None = None
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    code: str | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every request-level error: 4xx/5xx with a JSON body that names what was wrong."""
+
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,64 @@
+"""create_app(settings) -> Litestar. Wiring only: routes, plugins, lifespan.
+
+The HTTP server span comes from Litestar's own OpenTelemetry plugin (no separate send/receive
+spans; probes and /metrics are not traced), on this app's TracerProvider; the stage spans the
+pipeline creates are its children.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from opentelemetry.metrics import NoOpMeterProvider
+
+from cliplens import __version__
+from cliplens.api.embeddings import EmbeddingsController
+from cliplens.api.errors import EXCEPTION_HANDLERS
+from cliplens.api.health import healthz, readyz
+from cliplens.api.metrics import metrics
+from cliplens.api.models import list_models
+from cliplens.runtime import Runtime
+from cliplens.settings import Settings
+
+UNTRACED_PATHS = ["^/metrics", "^/healthz", "^/readyz"]
+
+
+def create_app(settings: Settings, on_fatal: Callable[[BaseException], None] | None = None) -> Litestar:
+    """Build the app; `on_fatal` is called if the model cannot be loaded (the CLI exits then)."""
+    runtime = Runtime(settings, on_fatal=on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    def provide_runtime() -> Runtime:
+        return runtime
+
+    tracing = OpenTelemetryConfig(
+        tracer_provider=runtime.tracer_provider,
+        meter_provider=NoOpMeterProvider(),
+        exclude=UNTRACED_PATHS,
+        exclude_spans=["receive", "send"],
+    )
+    app = Litestar(
+        route_handlers=[EmbeddingsController, list_models, healthz, readyz, metrics],
+        dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
+        plugins=[OpenTelemetryPlugin(tracing)],
+        middleware=[tracing.middleware],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
+        logging_config=None,
+        openapi_config=OpenAPIConfig(title="cliplens", version=__version__, path="/schema"),
+    )
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,1 @@
+"""Corpus generation, load scenarios, and the report table and figure of `cliplens experiment`."""

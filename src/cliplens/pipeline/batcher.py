@@ -1,0 +1,183 @@
+"""Cross-request dynamic batching: one model worker owns the model (the `embed` stage).
+
+Preprocessed images from every request go into one queue. The worker takes whatever is queued, up
+to `max_batch`, and runs one forward pass on its own thread, so the event loop keeps serving. It
+waits for a fuller batch only while more images are known to be on their way (announced with
+`expect` by the service, withdrawn with `withdraw` when an image fails before reaching the model),
+and never longer than `max_wait_s`: a lone request is never held back by a timer. While a forward
+pass runs, new images simply queue, so under load batches fill up by themselves.
+
+Each batch is one `embed batch` span linked to the requests it served; each request's `embed`
+span links back to the batches that carried its images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opentelemetry.trace import SpanContext, Tracer
+
+from cliplens.pipeline.model import LoadedModel
+from cliplens.pipeline.preprocess import Preprocessor
+from cliplens.telemetry.metrics import Metrics
+from cliplens.telemetry.stages import BatchTiming, StageTiming
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    image: torch.Tensor
+    timing: StageTiming
+    request: SpanContext
+    future: asyncio.Future[np.ndarray]
+
+
+class BatcherClosed(RuntimeError):
+    """The service is shutting down; no more forward passes."""
+
+
+class Batcher:
+    """The model worker and its queue; see the module docstring."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        preprocessor: Preprocessor,
+        tracer: Tracer,
+        metrics: Metrics,
+        max_batch: int,
+        max_wait_s: float,
+    ) -> None:
+        self.model = model
+        self.preprocessor = preprocessor
+        self.tracer = tracer
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: deque[_Pending] = deque()
+        self._upstream = 0
+        self._wakeup = asyncio.Event()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cliplens-model")
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="cliplens-model-worker")
+
+    async def close(self) -> None:
+        """Stop the worker; images still queued fail with BatcherClosed."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._thread.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def expect(self, count: int) -> None:
+        """`count` more images are on their way (loading, decoding, preprocessing)."""
+        self._upstream += count
+
+    def withdraw(self, count: int = 1) -> None:
+        """Images announced by `expect` that will not come after all (they failed earlier)."""
+        self._upstream = max(0, self._upstream - count)
+        self._wakeup.set()
+
+    async def embed(self, image: torch.Tensor, timing: StageTiming, request: SpanContext) -> np.ndarray:
+        """Queue one preprocessed image (announced by `expect`) and wait for its vector."""
+        if self._closed:
+            raise BatcherClosed("the service is shutting down")
+        self._upstream = max(0, self._upstream - 1)
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(image, timing, request, future))
+        self._wakeup.set()
+        return await future
+
+    async def embed_texts(
+        self, tokens: torch.Tensor, timings: Sequence[StageTiming], request: SpanContext
+    ) -> np.ndarray:
+        """Embed tokenised texts on the model thread, in chunks of `max_batch`, between image batches."""
+        loop = asyncio.get_running_loop()
+        chunks = []
+        for start in range(0, len(tokens), self.max_batch):
+            chunk = tokens[start : start + self.max_batch]
+            batch = BatchTiming(self.tracer, self.metrics, "text", len(chunk), [request])
+            chunks.append(await loop.run_in_executor(self._thread, self._forward_texts, batch, chunk))
+            for timing in timings[start : start + self.max_batch]:
+                timing.start(at=batch.started_ns)
+                timing.end(at=batch.ended_ns)
+                timing.link = batch.span_context
+        return np.concatenate(chunks)
+
+    def _forward_texts(self, batch: BatchTiming, tokens: torch.Tensor) -> np.ndarray:
+        with batch.measuring():
+            return self.model.encode_texts(tokens)
+
+    def _forward_images(self, batch: BatchTiming, items: list[_Pending]) -> np.ndarray:
+        with batch.measuring():
+            tensor = self.preprocessor.normalize([item.image for item in items], self.model.dtype)
+            return self.model.encode_images(tensor)
+
+    async def _gather(self) -> list[_Pending]:
+        """Wait for work, then linger (at most max_wait_s) only while more images are on the way."""
+        while not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(self._queue) < self.max_batch and self._upstream > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+        count = min(self.max_batch, len(self._queue))
+        return [self._queue.popleft() for _ in range(count)]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._gather()
+            items = [item for item in items if not item.future.done()]
+            if not items:
+                continue
+            batch = BatchTiming(self.tracer, self.metrics, "image", len(items), [i.request for i in items])
+            try:
+                vectors = await loop.run_in_executor(self._thread, self._forward_images, batch, items)
+            except asyncio.CancelledError:
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(BatcherClosed("the service is shutting down"))
+                raise
+            except Exception as exc:
+                log.exception("model forward pass failed", extra={"batch_size": len(items)})
+                for item in items:
+                    item.timing.end(at=batch.ended_ns or None)
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            for item, vector in zip(items, vectors, strict=True):
+                item.timing.start(at=batch.started_ns)
+                item.timing.end(at=batch.ended_ns)
+                item.timing.link = batch.span_context
+                if not item.future.done():
+                    item.future.set_result(vector)

@@ -1,0 +1,228 @@
+"""The CLIP model: loading it as configured, and batch -> L2-normalised float32 vectors.
+
+Weights come from an open_clip pretrained tag (fetched and cached by open_clip), a local
+checkpoint file, an open_clip `local-dir:` folder, or nowhere (`none`: random weights, whose
+timings are real but whose vectors mean nothing; this is logged loudly and shown by /v1/models).
+When tagged weights cannot be fetched, start-up fails with a message that says how to run
+offline; only the demo may fall back to random weights, and it says so.
+
+The weights are cast to the serving dtype once, at load; there is no per-call autocast, which is
+slow on the CPU. `dtype=auto` picks bfloat16 where the hardware has native bf16 matrix units
+(Intel AMX / AVX512-BF16 CPUs, CUDA GPUs that support it), float16 on other CUDA GPUs, and
+float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import open_clip
+import torch
+
+from cliplens.pipeline.preprocess import PreprocessConfig
+from cliplens.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_RANDOM = ("none", "random", "")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be served; the message says what to do instead."""
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX-BF16 or AVX512-BF16)."""
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("CLIPLENS_DEVICE=cuda but torch sees no CUDA device")
+    return torch.device(setting)
+
+
+def resolve_dtype(
+    setting: str, device: torch.device, native_bf16: Callable[[], bool] = cpu_has_native_bf16
+) -> torch.dtype:
+    """The weight dtype for `setting` on `device` (see the module docstring for `auto`)."""
+    if setting != "auto":
+        return _DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def model_id(settings: Settings, random_weights: bool) -> str:
+    """The public name of the served model, e.g. `ViT-B-32/laion2b_s34b_b79k`."""
+    name = settings.model
+    if name.startswith("local-dir:"):
+        name = Path(name.removeprefix("local-dir:")).name
+    if random_weights:
+        return f"{name}/random"
+    if settings.model.startswith("local-dir:"):
+        return f"{name}/local"
+    pretrained = settings.pretrained
+    if Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors", ".npz"):
+        pretrained = Path(pretrained).stem
+    return f"{name}/{pretrained}"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to embed, with what the API reports about it."""
+
+    model: Any
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    id: str
+    architecture: str
+    device: torch.device
+    dtype: torch.dtype
+    preprocess: PreprocessConfig
+    random_weights: bool
+    dimension: int = 0
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @torch.inference_mode()
+    def encode_images(self, batch: torch.Tensor) -> np.ndarray:
+        """Normalised (N, 3, H, W) batch on the device -> (N, D) L2-normalised float32 vectors."""
+        features = self.model.encode_image(batch.to(self.device, self.dtype))
+        return _normalised(features)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> (N, context_length) token ids, on the CPU."""
+        return self.tokenizer(list(texts))
+
+    @torch.inference_mode()
+    def encode_texts(self, tokens: torch.Tensor) -> np.ndarray:
+        """Token ids -> (N, D) L2-normalised float32 vectors, through the CLIP text tower."""
+        return _normalised(self.model.encode_text(tokens.to(self.device)))
+
+    def warm_up(self) -> None:
+        """Run each tower once so the first request does not pay for lazy initialisation."""
+        height, width = self.preprocess.size
+        vectors = self.encode_images(torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype))
+        self.encode_texts(self.tokenize(["a photo"]))
+        self.dimension = int(vectors.shape[1])
+
+
+def _normalised(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return features.cpu().numpy()
+
+
+def _random_requested(pretrained: str) -> bool:
+    return pretrained.strip().lower() in _RANDOM
+
+
+def _check_reachable(settings: Settings) -> None:
+    """Fail in seconds, not minutes of retries, when tagged weights are neither cached nor reachable."""
+    cfg = open_clip.get_pretrained_cfg(settings.model, settings.pretrained)
+    if not cfg:
+        return
+    hub_repo = str(cfg.get("hf_hub", "")).strip("/")
+    if hub_repo:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(hub_repo, filename), str):
+                return
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    else:
+        host = urlparse(str(cfg.get("url", ""))).hostname or ""
+    if not host:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        raise ModelLoadError(_offline_help(settings, f"{host} is unreachable ({exc})")) from None
+
+
+def _offline_help(settings: Settings, reason: str) -> str:
+    return (
+        f"cannot load pretrained weights {settings.model}/{settings.pretrained}: {reason}. "
+        "To run offline, set CLIPLENS_PRETRAINED to a local checkpoint file "
+        "(e.g. open_clip_pytorch_model.bin downloaded elsewhere), or to `none` for random weights "
+        "(real timings, meaningless vectors)."
+    )
+
+
+def _create(settings: Settings, pretrained: str | None) -> Any:
+    return open_clip.create_model(settings.model, pretrained=pretrained, device="cpu", precision="fp32")
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load, cast, place and warm up the model the settings name."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    random_weights = _random_requested(settings.pretrained) and not settings.model.startswith("local-dir:")
+    pretrained: str | None = (
+        None if random_weights or settings.model.startswith("local-dir:") else settings.pretrained
+    )
+    try:
+        if pretrained is not None and not Path(pretrained).is_file():
+            _check_reachable(settings)
+        model = _create(settings, pretrained)
+    except (RuntimeError, FileNotFoundError, ValueError, ModelLoadError) as exc:
+        if not settings.random_weights_fallback:
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(_offline_help(settings, str(exc))) from exc
+        log.warning(
+            "RANDOM WEIGHTS: pretrained weights could not be loaded, the demo goes on with random "
+            "weights; timings are real, vectors are meaningless",
+            extra={"reason": str(exc)[:300]},
+        )
+        random_weights = True
+        model = _create(settings, None)
+    if settings.model.startswith("local-dir:"):
+        folder = Path(settings.model.removeprefix("local-dir:"))
+        random_weights = not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth"))
+    if random_weights:
+        log.warning(
+            "RANDOM WEIGHTS: the model has no trained weights; embeddings are meaningless",
+            extra={"model": settings.model},
+        )
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = open_clip.get_tokenizer(settings.model)
+    preprocess_cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        id=model_id(settings, random_weights),
+        architecture=settings.model,
+        device=device,
+        dtype=dtype,
+        preprocess=PreprocessConfig.from_open_clip(preprocess_cfg),
+        random_weights=random_weights,
+    )
+    loaded.warm_up()
+    log.info(
+        "model loaded",
+        extra={
+            "model": loaded.id,
+            "device": str(device),
+            "dtype": loaded.dtype_name,
+            "dim": loaded.dimension,
+        },
+    )
+    return loaded

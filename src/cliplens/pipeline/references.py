@@ -1,0 +1,144 @@
+"""What an image item of a request refers to, parsed and validated before any I/O.
+
+An item is one of: a `gs://bucket/object` URI, a `data:image/...;base64,` URI, or a bare object
+name in the default image source (the default bucket when one is set, else the local directory).
+Anything else, http(s) URLs included, is refused: the service must never fetch an address a
+client chose. Validation follows the GCS naming rules, so that a crafted bucket or object name
+can never change the URL the storage client builds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+
+from cliplens.pipeline.errors import ErrorCode, ItemError
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DATA_URI = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*);base64,", re.IGNORECASE)
+_BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+@dataclass(frozen=True, slots=True)
+class GcsReference:
+    """An object in a Google Cloud Storage bucket."""
+
+    bucket: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReference:
+    """A file under the local image directory, by its relative name."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class InlineReference:
+    """Image bytes that came with the request (a data: URI or an uploaded file)."""
+
+    data: bytes
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+
+Reference = GcsReference | LocalReference | InlineReference
+
+
+def validate_bucket(bucket: str) -> None:
+    """Raise `invalid_reference` unless `bucket` is a valid GCS bucket name."""
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket or bucket.startswith("goog"):
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{bucket!r} is not a valid bucket name")
+    if len(bucket) > 63 and "." not in bucket:
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{bucket!r} is not a valid bucket name")
+
+
+def validate_object_name(name: str) -> None:
+    """Raise `invalid_reference` unless `name` is a valid GCS object name (also used for local names)."""
+    if not name:
+        raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name is empty")
+    if len(name.encode("utf-8", "surrogatepass")) > 1024:
+        raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name is longer than 1024 bytes")
+    if _CONTROL.search(name):
+        raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name contains control characters")
+    if name in (".", "..") or name.startswith(".well-known/acme-challenge/"):
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{name!r} is not a valid object name")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name is not valid UTF-8") from None
+
+
+@dataclass(frozen=True)
+class ReferenceParser:
+    """Turns the strings of a request into references, under the service's source settings."""
+
+    buckets: frozenset[str]
+    default_bucket: str | None
+    has_local_root: bool
+    max_image_bytes: int
+
+    def parse(self, item: str) -> Reference:
+        """Parse one input string; raise ItemError with the code the client should see."""
+        if item[:5].lower() == "data:":
+            return self._parse_data_uri(item)
+        if item[:5].lower() == "gs://":
+            return self._parse_gs_uri(item)
+        if _SCHEME.match(item):
+            scheme = item.split(":", 1)[0]
+            raise ItemError(
+                ErrorCode.INVALID_REFERENCE,
+                f"{scheme}:// references are not fetched; use gs://, data: or an object name",
+            )
+        validate_object_name(item)
+        if self.default_bucket:
+            return GcsReference(self.default_bucket, item)
+        if self.has_local_root:
+            return LocalReference(item)
+        raise ItemError(
+            ErrorCode.INVALID_REFERENCE,
+            "no default image source is configured (set CLIPLENS_DEFAULT_BUCKET or CLIPLENS_IMAGE_ROOT)",
+        )
+
+    def _parse_gs_uri(self, item: str) -> GcsReference:
+        bucket, sep, name = item[5:].partition("/")
+        if not sep:
+            raise ItemError(ErrorCode.INVALID_REFERENCE, "a gs:// URI needs gs://bucket/object")
+        validate_bucket(bucket)
+        validate_object_name(name)
+        if bucket not in self.buckets:
+            raise ItemError(ErrorCode.FORBIDDEN, f"bucket {bucket!r} is not in the allowed buckets")
+        return GcsReference(bucket, name)
+
+    def _parse_data_uri(self, item: str) -> InlineReference:
+        match = _DATA_URI.match(item)
+        if match is None:
+            raise ItemError(
+                ErrorCode.INVALID_REFERENCE, "a data URI must look like data:image/<type>;base64,<data>"
+            )
+        payload = item[match.end() :].strip()
+        if len(payload) * 3 // 4 > self.max_image_bytes:
+            raise ItemError(
+                ErrorCode.TOO_LARGE, f"the inline image is larger than {self.max_image_bytes} bytes"
+            )
+        if not _BASE64_CHARS.fullmatch(payload):
+            raise ItemError(ErrorCode.INVALID_REFERENCE, "the data URI payload is not valid base64")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ItemError(ErrorCode.INVALID_REFERENCE, "the data URI payload is not valid base64") from None
+        label = f"data:{match.group(1) or ''};base64,...({len(data)} bytes)"
+        return InlineReference(data, label)

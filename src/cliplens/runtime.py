@@ -1,0 +1,86 @@
+"""The per-app objects: settings, metrics registry, tracer provider and the embedding service.
+
+One `Runtime` belongs to one app instance, so two apps in one test process never share counts or
+spans. `create_app` builds it (no threads yet); the app's lifespan calls `start`, which attaches
+the span exporter and loads the model in the background, so `/healthz` answers at once and
+`/readyz` turns 200 when the model is warm. `stop` drains and closes everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from opentelemetry.sdk.trace import SpanProcessor
+
+from cliplens.pipeline.service import EmbeddingService
+from cliplens.settings import Settings
+from cliplens.telemetry.metrics import Metrics
+from cliplens.telemetry.tracing import build_tracer_provider, start_export
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The model is still loading (or failed to load)."""
+
+
+class Runtime:
+    """Everything one app instance owns; see the module docstring."""
+
+    def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.tracer_provider = build_tracer_provider(settings)
+        self.tracer = self.tracer_provider.get_tracer("cliplens")
+        self.on_fatal = on_fatal
+        self.load_error: BaseException | None = None
+        self._service: EmbeddingService | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._processor: SpanProcessor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._service is not None
+
+    @property
+    def service(self) -> EmbeddingService:
+        if self._service is None:
+            reason = f": {self.load_error}" if self.load_error else ""
+            raise NotReady(f"the model is not loaded yet{reason}")
+        return self._service
+
+    async def start(self) -> None:
+        self._processor = start_export(self.tracer_provider, self.settings)
+        self._loading = asyncio.get_running_loop().create_task(self._load(), name="cliplens-model-load")
+
+    async def wait_ready(self) -> EmbeddingService:
+        """Wait for the background load (for the CLI and tests); raise its error if it failed."""
+        if self._loading is not None:
+            await asyncio.shield(self._loading)
+        return self.service
+
+    async def _load(self) -> None:
+        try:
+            self._service = await EmbeddingService.start(self.settings, self.tracer, self.metrics)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.load_error = exc
+            log.critical("the model could not be loaded: %s", exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+
+    async def stop(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        if self._service is not None:
+            await self._service.close()
+            self._service = None
+        self.tracer_provider.force_flush()
+        if self._processor is not None:
+            self._processor.shutdown()

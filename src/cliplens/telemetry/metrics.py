@@ -1,0 +1,137 @@
+"""The Prometheus metric families of cliplens: a public contract, like the HTTP API.
+
+Names carry the `cliplens_` prefix and base units; labels are bounded (stage, outcome, modality),
+never per image, request or user. Each app builds its own `Metrics` on its own registry, so two
+apps in one process never share counts.
+
+What the stage families mean, for a request whose images stream through the stages:
+
+- `cliplens_image_stage_seconds{stage}`: per image, the *work* of one stage (a download, a decode,
+  a preprocess), from the moment a worker picked the image up to the moment it finished.
+- `cliplens_stage_queue_seconds{stage}`: per image, the *wait* before that work started: for a
+  download slot (`load`), for a CPU worker (`decode`, `preprocess`), for a model batch (`embed`).
+- `cliplens_request_stage_seconds{stage}`: per request, the wall time the request had images in the
+  stage, waiting or working: from the first of its images entering the stage to the last leaving
+  it. Stages overlap in time because images stream, so these do not add up to the total.
+- `cliplens_request_seconds{modality}`: the whole request, as the handler saw it.
+
+Every observation made while a sampled request is being served carries its trace id as an
+exemplar, so a point on a Grafana panel opens the trace that produced it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cliplens.pipeline.errors import ErrorCode
+
+STAGES: tuple[str, ...] = ("load", "decode", "preprocess", "embed")
+IMAGE_WORK_STAGES: tuple[str, ...] = ("load", "decode", "preprocess")
+OUTCOMES: tuple[str, ...] = ("ok", *(code.value for code in ErrorCode))
+MODALITIES: tuple[str, ...] = ("image", "text")
+
+
+def geometric_buckets(start: float, factor: float, stop: float) -> tuple[float, ...]:
+    """Bucket bounds start, start*factor, ... up to the first one >= stop."""
+    bounds = [start]
+    while bounds[-1] < stop:
+        bounds.append(round(bounds[-1] * factor, 9))
+    return tuple(bounds)
+
+
+LATENCY_BUCKETS = geometric_buckets(0.0005, 1.5, 60.0)
+"""0.5 ms to ~74 s in steps of x1.5: resolves a 2 ms preprocess and a 9 s download alike."""
+COUNT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """The metric families of one app, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.request_stage_seconds = Histogram(
+            "cliplens_request_stage_seconds",
+            "Per request: wall time the request had images in each stage (waiting or working).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.image_stage_seconds = Histogram(
+            "cliplens_image_stage_seconds",
+            "Per image: work time of one stage, without the wait before it.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.stage_queue_seconds = Histogram(
+            "cliplens_stage_queue_seconds",
+            "Per image: time waiting for a download slot, a CPU worker or a model batch.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.request_seconds = Histogram(
+            "cliplens_request_seconds",
+            "Whole embeddings request, from parsed body to response.",
+            ["modality"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.request_images = Histogram(
+            "cliplens_request_images",
+            "Images per embeddings request.",
+            buckets=COUNT_BUCKETS,
+            registry=reg,
+        )
+        self.requests_in_flight = Gauge(
+            "cliplens_requests_in_flight",
+            "Embeddings requests being served now (the concurrency level).",
+            registry=reg,
+        )
+        self.images_total = Counter(
+            "cliplens_images_total",
+            "Images finished, by outcome: ok or the item error code.",
+            ["outcome"],
+            registry=reg,
+        )
+        self.texts_total = Counter(
+            "cliplens_texts_total",
+            "Texts embedded.",
+            registry=reg,
+        )
+        self.embed_batch_size = Histogram(
+            "cliplens_embed_batch_size",
+            "Items per model forward pass (images from any number of requests).",
+            ["modality"],
+            buckets=COUNT_BUCKETS,
+            registry=reg,
+        )
+        self.embed_batch_seconds = Histogram(
+            "cliplens_embed_batch_seconds",
+            "Duration of one model forward pass, including the copy to and from the device.",
+            ["modality"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.model_info = Gauge(
+            "cliplens_model_info",
+            "The served model (always 1); its labels say which model, device and dtype.",
+            ["model", "device", "dtype", "random_weights"],
+            registry=reg,
+        )
+        self._initialise_series()
+
+    def _initialise_series(self) -> None:
+        """Create every bounded label combination at zero, so rates exist before the first error."""
+        for stage in STAGES:
+            self.request_stage_seconds.labels(stage)
+            self.stage_queue_seconds.labels(stage)
+        for stage in IMAGE_WORK_STAGES:
+            self.image_stage_seconds.labels(stage)
+        for outcome in OUTCOMES:
+            self.images_total.labels(outcome)
+        for modality in MODALITIES:
+            self.request_seconds.labels(modality)
+            self.embed_batch_size.labels(modality)
+            self.embed_batch_seconds.labels(modality)

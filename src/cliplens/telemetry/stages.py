@@ -1,0 +1,272 @@
+"""Stage timing: the one place where cliplens measures time.
+
+Every stage boundary an image crosses is stamped here once, with the monotonic clock, and that
+single measurement feeds all three sinks, so they can never disagree:
+
+- the Prometheus histograms (per image as soon as the stage ends; per request at the end),
+- the OpenTelemetry spans (one span per stage and request, created from the recorded stamps,
+  with one `image` event per image carrying its reference, work and wait times),
+- the `Server-Timing` header (the same per-request stage windows, in milliseconds).
+
+A `StageTiming` is one image in one stage: `queued` when it is handed to the stage, `start` when
+a worker (download slot, CPU thread, model batch) picks it up, `end` when it is done. Stamps are
+plain attribute writes, so worker threads may start and end timings the event loop created.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, Tracer
+
+from cliplens.pipeline.errors import ItemError
+from cliplens.telemetry.metrics import IMAGE_WORK_STAGES, STAGES, Metrics
+
+Stage = Literal["load", "decode", "preprocess", "embed"]
+_MAX_REF_CHARS = 256
+
+
+def exemplar_for(span_context: SpanContext | None) -> dict[str, str] | None:
+    """The exemplar labels for an observation made on behalf of a sampled trace."""
+    if span_context is None or not span_context.is_valid or not span_context.trace_flags.sampled:
+        return None
+    return {"trace_id": trace.format_trace_id(span_context.trace_id)}
+
+
+class _WallClock:
+    """Maps monotonic stamps to the wall-clock nanoseconds spans want, from one anchor."""
+
+    def __init__(self) -> None:
+        self._offset = time.time_ns() - time.perf_counter_ns()
+
+    def wall(self, monotonic_ns: int) -> int:
+        return self._offset + monotonic_ns
+
+
+def now() -> int:
+    """The monotonic stamp used for every measurement."""
+    return time.perf_counter_ns()
+
+
+@dataclass(eq=False, slots=True)
+class StageTiming:
+    """One image in one stage: when it was queued, started and ended, and how it ended."""
+
+    stage: Stage
+    index: int
+    reference: str
+    queued_ns: int
+    _metrics: Metrics
+    _exemplar: dict[str, str] | None
+    started_ns: int | None = None
+    ended_ns: int | None = None
+    error: ItemError | None = None
+    attributes: dict[str, str | int | float] = field(default_factory=dict)
+    link: SpanContext | None = None
+
+    def start(self, at: int | None = None) -> None:
+        """A worker picked the image up: the wait is over, the work begins."""
+        self.started_ns = now() if at is None else at
+
+    def end(self, error: ItemError | None = None, at: int | None = None) -> None:
+        """The stage is done with the image; observe its work and wait at once."""
+        self.ended_ns = now() if at is None else at
+        if self.started_ns is None:
+            self.started_ns = self.ended_ns
+        self.error = error
+        queue_s = (self.started_ns - self.queued_ns) / 1e9
+        self._metrics.stage_queue_seconds.labels(self.stage).observe(queue_s, self._exemplar)
+        if self.stage in IMAGE_WORK_STAGES:
+            work_s = (self.ended_ns - self.started_ns) / 1e9
+            self._metrics.image_stage_seconds.labels(self.stage).observe(work_s, self._exemplar)
+
+    @contextmanager
+    def working(self) -> Iterator[StageTiming]:
+        """Start now, end on exit; an ItemError raised inside is recorded, then re-raised."""
+        self.start()
+        try:
+            yield self
+        except ItemError as exc:
+            self.end(exc)
+            raise
+        except BaseException:
+            self.end()
+            raise
+        self.end()
+
+    @property
+    def work_ms(self) -> float:
+        if self.started_ns is None or self.ended_ns is None:
+            return 0.0
+        return (self.ended_ns - self.started_ns) / 1e6
+
+    @property
+    def queue_ms(self) -> float:
+        if self.started_ns is None:
+            return 0.0
+        return (self.started_ns - self.queued_ns) / 1e6
+
+
+@dataclass(frozen=True)
+class ServerTiming:
+    """Per-request stage windows and the total, in milliseconds, ready for the header."""
+
+    stages_ms: dict[str, float]
+    total_ms: float
+
+    def header(self) -> str:
+        entries = [f"{stage};dur={ms:.1f}" for stage, ms in self.stages_ms.items()]
+        entries.append(f"total;dur={self.total_ms:.1f}")
+        return ", ".join(entries)
+
+
+class RequestTimeline:
+    """All stage timings of one request, turned into spans and request metrics by `finish`."""
+
+    def __init__(self, metrics: Metrics, modality: str, request_span: SpanContext | None) -> None:
+        self._metrics = metrics
+        self._modality = modality
+        self._request_span = request_span
+        self._exemplar = exemplar_for(request_span)
+        self._clock = _WallClock()
+        self._timings: list[StageTiming] = []
+        self.started_ns = now()
+
+    def enter(self, index: int, stage: Stage, reference: str) -> StageTiming:
+        """The image at `index` is handed to `stage` now."""
+        timing = StageTiming(
+            stage=stage,
+            index=index,
+            reference=reference[:_MAX_REF_CHARS],
+            queued_ns=now(),
+            _metrics=self._metrics,
+            _exemplar=self._exemplar,
+        )
+        self._timings.append(timing)
+        return timing
+
+    def timings(self, stage: Stage | None = None) -> list[StageTiming]:
+        """Finished timings, in the order they were entered."""
+        return [t for t in self._timings if t.ended_ns is not None and (stage is None or t.stage == stage)]
+
+    def finish(self, tracer: Tracer, parent: Context | None = None) -> ServerTiming:
+        """Emit one span per stage under the request span and observe the per-request histograms."""
+        ended_ns = now()
+        stages_ms: dict[str, float] = {}
+        for stage in STAGES:
+            timings = self.timings(stage)  # type: ignore[arg-type]
+            if not timings:
+                continue
+            first = min(t.queued_ns for t in timings)
+            last = max(t.ended_ns for t in timings if t.ended_ns is not None)
+            stages_ms[stage] = (last - first) / 1e6
+            self._metrics.request_stage_seconds.labels(stage).observe((last - first) / 1e9, self._exemplar)
+            self._emit_stage_span(tracer, parent, stage, timings, first, last)
+        total_s = (ended_ns - self.started_ns) / 1e9
+        self._metrics.request_seconds.labels(self._modality).observe(total_s, self._exemplar)
+        return ServerTiming(stages_ms, total_s * 1e3)
+
+    def _emit_stage_span(
+        self,
+        tracer: Tracer,
+        parent: Context | None,
+        stage: str,
+        timings: Sequence[StageTiming],
+        first_ns: int,
+        last_ns: int,
+    ) -> None:
+        links = {(t.link.trace_id, t.link.span_id): t.link for t in timings if t.link is not None}
+        span = tracer.start_span(
+            stage,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            start_time=self._clock.wall(first_ns),
+            links=[Link(ctx) for ctx in links.values()],
+        )
+        if not span.is_recording():
+            span.end(end_time=self._clock.wall(last_ns))
+            return
+        failures = [t for t in timings if t.error is not None]
+        span.set_attribute("cliplens.images", len(timings))
+        span.set_attribute("cliplens.failed", len(failures))
+        byte_count = sum(int(t.attributes.get("bytes", 0)) for t in timings)
+        if byte_count:
+            span.set_attribute("cliplens.bytes", byte_count)
+        for timing in timings:
+            attributes: dict[str, str | int | float] = {
+                "cliplens.image.index": timing.index,
+                "cliplens.image.ref": timing.reference,
+                "cliplens.image.work_ms": round(timing.work_ms, 3),
+                "cliplens.image.queue_ms": round(timing.queue_ms, 3),
+            }
+            attributes.update({f"cliplens.image.{k}": v for k, v in timing.attributes.items()})
+            if timing.error is not None:
+                attributes["cliplens.image.error"] = timing.error.code.value
+                attributes["cliplens.image.error_message"] = timing.error.message
+            assert timing.ended_ns is not None
+            span.add_event("image", attributes, timestamp=self._clock.wall(timing.ended_ns))
+        if failures:
+            codes = sorted({t.error.code.value for t in failures if t.error is not None})
+            span.set_status(
+                Status(
+                    StatusCode.ERROR, f"{len(failures)} of {len(timings)} items failed: {', '.join(codes)}"
+                )
+            )
+        span.end(end_time=self._clock.wall(last_ns))
+
+
+class BatchTiming:
+    """One model forward pass: its own span (linked to the requests it served) and histograms."""
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        metrics: Metrics,
+        modality: str,
+        size: int,
+        requests: Sequence[SpanContext],
+    ) -> None:
+        self._tracer = tracer
+        self._metrics = metrics
+        self._modality = modality
+        self.size = size
+        unique = {(ctx.trace_id, ctx.span_id): ctx for ctx in requests if ctx.is_valid}
+        self._requests = list(unique.values())
+        self._clock = _WallClock()
+        self.started_ns = 0
+        self.ended_ns = 0
+        self.span_context: SpanContext | None = None
+
+    @contextmanager
+    def measuring(self) -> Iterator[BatchTiming]:
+        """Time the forward pass inside the block, as a root span named `embed batch`."""
+        self.started_ns = now()
+        span = self._tracer.start_span(
+            "embed batch",
+            context=Context(),
+            kind=SpanKind.INTERNAL,
+            start_time=self._clock.wall(self.started_ns),
+            links=[Link(ctx) for ctx in self._requests],
+            attributes={"cliplens.batch.size": self.size, "cliplens.modality": self._modality},
+        )
+        self.span_context = span.get_span_context()
+        try:
+            yield self
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            self.ended_ns = now()
+            span.end(end_time=self._clock.wall(self.ended_ns))
+            exemplar = exemplar_for(self.span_context)
+            self._metrics.embed_batch_size.labels(self._modality).observe(self.size, exemplar)
+            self._metrics.embed_batch_seconds.labels(self._modality).observe(
+                (self.ended_ns - self.started_ns) / 1e9, exemplar
+            )

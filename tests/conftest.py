@@ -1,0 +1,119 @@
+"""Shared fixtures: a tiny open_clip architecture, generated photos, and real servers on loopback."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from litestar.testing import TestClient
+
+from cliplens.app import create_app
+from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.settings import Settings
+from tests.servers import FakeGcs
+
+TINY_ARCHITECTURE = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+"""A CLIP with the real structure (ViT image tower, transformer text tower) at a size 2 cores run fast."""
+
+PHOTOS = {
+    "album/1/a.jpg": (800, 600, 1),
+    "album/1/b.jpg": (640, 480, 2),
+    "album/2/c.jpg": (1024, 768, 3),
+}
+BUCKET = "photos"
+
+
+def write_tiny_model(folder: Path, with_weights: bool, seed: int = 0) -> Path:
+    """An open_clip `local-dir:` folder: the tiny config, and seeded weights when asked."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_ARCHITECTURE, "preprocess_cfg": {}})
+    )
+    if with_weights:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(f"local-dir:{folder}")
+        torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"local-dir:{write_tiny_model(tmp_path_factory.mktemp('tiny-random'), with_weights=False)}"
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-weights"), with_weights=True)
+
+
+def photo_bytes(name: str) -> bytes:
+    width, height, seed = PHOTOS[name]
+    return encode_jpeg(render_photo(seed, width, height))
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(photo_bytes(name))
+    return root
+
+
+@pytest.fixture(scope="session")
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    render_photo(9, 300, 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def settings(tiny_model: str, photo_dir: Path) -> Settings:
+    return Settings(model=tiny_model, pretrained="none", image_root=photo_dir, cpu_workers=2, max_inputs=16)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 120) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready: {client.get('/readyz').text}")
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    """The app, lifespan started, model loaded."""
+    with TestClient(create_app(settings), timeout=120) as client:
+        wait_ready(client)
+        yield client
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:  # type: ignore[type-arg]
+    with running(settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
+    server = FakeGcs(tmp_path_factory.mktemp("gcs") / "fake-gcs.log").start()
+    server.create_bucket(BUCKET)
+    server.create_bucket("other-bucket")
+    for name in PHOTOS:
+        server.upload(BUCKET, name, photo_bytes(name))
+    server.upload("other-bucket", "secret.jpg", photo_bytes("album/1/a.jpg"))
+    yield server
+    server.stop()

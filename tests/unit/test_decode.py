@@ -1,0 +1,129 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.pipeline.decode import BACKGROUND, decode_image, sniff_format
+from cliplens.pipeline.errors import ErrorCode, ItemError
+
+MIN_SIDE = 448
+MAX_PIXELS = 100_000_000
+
+
+def save(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def code_of(data: bytes) -> ErrorCode:
+    with pytest.raises(ItemError) as caught:
+        decode_image(data, MIN_SIDE, MAX_PIXELS)
+    return caught.value.code
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    data = bytearray(encode_jpeg(render_photo(1, 64, 48)))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_a_12mp_jpeg_is_decoded_in_the_dct_domain_but_keeps_enough_pixels() -> None:
+    decoded = decode_image(encode_jpeg(render_photo(0, 4032, 3024)), MIN_SIDE, MAX_PIXELS)
+    assert decoded.original_size == (4032, 3024)
+    assert decoded.format == "JPEG"
+    assert MIN_SIDE <= min(decoded.size) < 3024
+    assert decoded.pixels.dtype == np.uint8 and decoded.pixels.shape[2] == 3
+
+
+def test_exif_orientation_is_applied() -> None:
+    decoded = decode_image(encode_jpeg(render_photo(0, 400, 300), orientation=6), MIN_SIDE, MAX_PIXELS)
+    assert decoded.size == (300, 400)
+
+
+def test_grayscale_becomes_three_equal_channels() -> None:
+    gray = render_photo(0, 320, 240).convert("L")
+    pixels = decode_image(save(gray, "JPEG"), MIN_SIDE, MAX_PIXELS).pixels
+    assert pixels.shape == (240, 320, 3)
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
+
+
+def test_16_bit_png_is_scaled_not_clipped_to_white() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (16, 1))
+    pixels = decode_image(save(Image.fromarray(ramp), "PNG"), MIN_SIDE, MAX_PIXELS).pixels
+    row = pixels[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255
+    assert 120 <= row[128] <= 135
+    assert (row == 255).sum() < 5
+
+
+def test_transparency_is_composited_on_the_fixed_background() -> None:
+    clear = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
+    pixels = decode_image(save(clear, "PNG"), MIN_SIDE, MAX_PIXELS).pixels
+    assert tuple(pixels[10, 10]) == BACKGROUND
+    palette = Image.new("P", (50, 40), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    pixels = decode_image(save(palette, "PNG", transparency=0), MIN_SIDE, MAX_PIXELS).pixels
+    assert tuple(pixels[5, 5]) == BACKGROUND
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    cmyk = render_photo(2, 200, 150).convert("CMYK")
+    decoded = decode_image(save(cmyk, "JPEG"), MIN_SIDE, MAX_PIXELS)
+    assert decoded.pixels.shape == (150, 200, 3)
+
+
+def test_an_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    pixels = decode_image(buffer.getvalue(), MIN_SIDE, MAX_PIXELS).pixels
+    assert pixels[0, 0, 0] > 200 and pixels[0, 0, 2] < 50
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", ErrorCode.DECODE_FAILED),
+        (bytes(range(256)) * 4, ErrorCode.UNSUPPORTED_FORMAT),
+        (b"<!DOCTYPE html><html><body>Not Found</body></html>", ErrorCode.UNSUPPORTED_FORMAT),
+        (encode_jpeg(render_photo(0, 300, 200))[:2000], ErrorCode.DECODE_FAILED),
+        (png_header_only(25_000, 25_000), ErrorCode.TOO_LARGE),
+        (jpeg_claiming(60_000, 60_000), ErrorCode.TOO_LARGE),
+    ],
+    ids=["empty", "random", "html", "truncated-jpeg", "png-bomb", "jpeg-bomb"],
+)
+def test_hostile_bytes_get_their_code(data: bytes, expected: ErrorCode) -> None:
+    assert code_of(data) == expected
+
+
+def test_the_pixel_cap_is_a_setting() -> None:
+    data = encode_jpeg(render_photo(0, 400, 300))
+    with pytest.raises(ItemError) as caught:
+        decode_image(data, MIN_SIDE, max_pixels=400 * 300 - 1)
+    assert caught.value.code == ErrorCode.TOO_LARGE
+    assert decode_image(data, MIN_SIDE, max_pixels=400 * 300).size == (400, 300)
+
+
+def test_the_format_comes_from_the_signature_not_a_name() -> None:
+    assert sniff_format(save(Image.new("RGB", (4, 4)), "PNG")) == "PNG"
+    assert sniff_format(save(Image.new("RGB", (4, 4)), "WEBP")) == "WEBP"
+    assert sniff_format(b"%PDF-1.7") is None

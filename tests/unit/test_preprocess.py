@@ -1,0 +1,67 @@
+"""The preprocessed tensor matches open_clip's own preprocessing of the fully decoded image."""
+
+import io
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.pipeline.decode import decode_image
+from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
+
+REAL_PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def reference(data: bytes, cfg: dict[str, object] | None = None) -> torch.Tensor:
+    transform = open_clip.transform.image_transform_v2(
+        open_clip.transform.PreprocessCfg(**(cfg or {})), is_train=False
+    )
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    return transform(image)
+
+
+def ours(data: bytes, config: PreprocessConfig) -> torch.Tensor:
+    preprocessor = Preprocessor(config, torch.device("cpu"))
+    decoded = decode_image(data, config.min_side, 10**9)
+    return preprocessor.normalize([preprocessor(decoded.pixels)], torch.float32)[0]
+
+
+def fidelity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    diff = (a - b).abs().flatten()
+    return float(diff.mean()), float(diff.quantile(0.99))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        REAL_PHOTO.read_bytes(),
+        encode_jpeg(render_photo(5, 4032, 3024)),
+        encode_jpeg(render_photo(6, 3000, 4000), orientation=8),
+    ],
+    ids=["real-photo", "12mp-dct-scaled", "exif-rotated"],
+)
+def test_matches_open_clip_reference_preprocessing(data: bytes) -> None:
+    mean, p99 = fidelity(ours(data, PreprocessConfig()), reference(data))
+    assert mean <= 0.005
+    assert p99 <= 0.03
+
+
+@pytest.mark.parametrize("mode", ["squash", "longest"])
+def test_other_resize_modes_follow_open_clip(mode: str) -> None:
+    data = REAL_PHOTO.read_bytes()
+    config = PreprocessConfig.from_open_clip({"resize_mode": mode, "size": 224})
+    mine, theirs = ours(data, config), reference(data, {"resize_mode": mode})
+    assert mine.shape == theirs.shape == (3, 224, 224)
+    assert fidelity(mine, theirs)[0] <= 0.01
+
+
+def test_the_output_is_the_model_size_in_uint8_before_normalising() -> None:
+    preprocessor = Preprocessor(PreprocessConfig(), torch.device("cpu"))
+    image = preprocessor(np.zeros((300, 500, 3), dtype=np.uint8))
+    assert image.dtype == torch.uint8
+    assert tuple(image.shape) == (3, 224, 224)

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from cliplens.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_when_the_environment_is_empty() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.model == "ViT-B-32"
+    assert settings.pretrained == "laion2b_s34b_b79k"
+    assert settings.max_inputs == 256
+    assert settings.otlp_endpoint is None
+
+
+def test_reads_every_documented_variable() -> None:
+    settings = load_settings(
+        {
+            "CLIPLENS_MODEL": "ViT-B-16",
+            "CLIPLENS_PRETRAINED": "none",
+            "CLIPLENS_DEVICE": "cpu",
+            "CLIPLENS_DTYPE": "bfloat16",
+            "CLIPLENS_IMAGE_ROOT": "/srv/photos",
+            "CLIPLENS_DEFAULT_BUCKET": "photos",
+            "CLIPLENS_ALLOWED_BUCKETS": "photos, archive ,",
+            "CLIPLENS_MAX_INPUTS": "64",
+            "CLIPLENS_MAX_BATCH": "8",
+            "CLIPLENS_BATCH_WAIT_MS": "0.5",
+            "STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443",
+            "OTEL_SERVICE_NAME": "embedder",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.25",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,team=photos",
+        }
+    )
+    assert settings.model == "ViT-B-16"
+    assert settings.pretrained == "none"
+    assert settings.device == "cpu"
+    assert settings.dtype == "bfloat16"
+    assert settings.image_root == Path("/srv/photos")
+    assert settings.buckets == frozenset({"photos", "archive"})
+    assert settings.max_inputs == 64
+    assert settings.max_batch == 8
+    assert settings.batch_wait_ms == 0.5
+    assert settings.gcs_emulator_host == "http://127.0.0.1:4443"
+    assert settings.service_name == "embedder"
+    assert settings.otlp_endpoint == "http://collector:4317"
+    assert settings.otlp_protocol == "grpc"
+    assert settings.traces_sampler == "parentbased_traceidratio"
+    assert settings.traces_sampler_arg == 0.25
+    assert dict(settings.resource_attributes) == {"deployment.environment": "test", "team": "photos"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CLIPLENS_MAX_INPUTS", "many"),
+        ("CLIPLENS_MAX_INPUTS", "0"),
+        ("CLIPLENS_DEVICE", "tpu"),
+        ("CLIPLENS_DTYPE", "int8"),
+        ("CLIPLENS_BATCH_WAIT_MS", "-1"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("CLIPLENS_RANDOM_WEIGHTS_FALLBACK", "maybe"),
+    ],
+)
+def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        load_settings({name: value})
