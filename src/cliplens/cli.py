@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +45,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, on_fatal=fatal)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM, then re-raises the signal with the handler found before it started;
+    # this one turns that into exit status 0, the status of a clean, requested shutdown.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
     return 1 if failures else 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _demo_load(
@@ -60,7 +68,7 @@ async def _demo_load(
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     photo_dir = Path(args.dir) / "photos"
     console.print(
         f"[bold]cliplens demo[/bold]: generating {args.photos} phone-like photos in {photo_dir} ..."

@@ -7,6 +7,7 @@ the spans and histograms) and `X-Trace-Id` (the request's trace, to look up in J
 from __future__ import annotations
 
 import base64
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,8 @@ from cliplens.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingRespo
 from cliplens.pipeline.references import InlineReference, Reference
 from cliplens.pipeline.service import Embeddings
 from cliplens.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +81,16 @@ def _respond(
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
     )
     headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
+    log.info(
+        "embeddings served",
+        extra={
+            "modality": modality,
+            "items": len(embeddings.results),
+            "failed": len(errors),
+            "stages_ms": {k: round(v, 1) for k, v in embeddings.timing.stages_ms.items()},
+            "total_ms": round(embeddings.timing.total_ms, 1),
+        },
+    )
     return Response(body, headers=headers)
 
 

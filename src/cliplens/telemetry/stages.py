@@ -62,7 +62,7 @@ class StageTiming:
     index: int
     reference: str
     queued_ns: int
-    _metrics: Metrics
+    _metrics: Metrics | None
     _exemplar: dict[str, str] | None
     started_ns: int | None = None
     ended_ns: int | None = None
@@ -80,6 +80,8 @@ class StageTiming:
         if self.started_ns is None:
             self.started_ns = self.ended_ns
         self.error = error
+        if self._metrics is None:
+            return
         queue_s = (self.started_ns - self.queued_ns) / 1e9
         self._metrics.stage_queue_seconds.labels(self.stage).observe(queue_s, self._exemplar)
         if self.stage in IMAGE_WORK_STAGES:
@@ -127,7 +129,11 @@ class ServerTiming:
 
 
 class RequestTimeline:
-    """All stage timings of one request, turned into spans and request metrics by `finish`."""
+    """All stage timings of one request, turned into spans and request metrics by `finish`.
+
+    The per-stage histograms describe images; a text request still gets its spans, Server-Timing
+    and `cliplens_request_seconds{modality="text"}`, but leaves the image stage families alone.
+    """
 
     def __init__(self, metrics: Metrics, modality: str, request_span: SpanContext | None) -> None:
         self._metrics = metrics
@@ -145,7 +151,7 @@ class RequestTimeline:
             index=index,
             reference=reference[:_MAX_REF_CHARS],
             queued_ns=now(),
-            _metrics=self._metrics,
+            _metrics=self._metrics if self._modality == "image" else None,
             _exemplar=self._exemplar,
         )
         self._timings.append(timing)
@@ -166,7 +172,10 @@ class RequestTimeline:
             first = min(t.queued_ns for t in timings)
             last = max(t.ended_ns for t in timings if t.ended_ns is not None)
             stages_ms[stage] = (last - first) / 1e6
-            self._metrics.request_stage_seconds.labels(stage).observe((last - first) / 1e9, self._exemplar)
+            if self._modality == "image":
+                self._metrics.request_stage_seconds.labels(stage).observe(
+                    (last - first) / 1e9, self._exemplar
+                )
             self._emit_stage_span(tracer, parent, stage, timings, first, last)
         total_s = (ended_ns - self.started_ns) / 1e9
         self._metrics.request_seconds.labels(self._modality).observe(total_s, self._exemplar)

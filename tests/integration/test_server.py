@@ -1,0 +1,127 @@
+"""The real server: uvicorn in-process for the openai client, and `cliplens serve` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+
+from cliplens.experiment.inprocess import InProcessService
+from cliplens.settings import Settings
+from tests.servers import free_port
+
+
+def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -> None:
+    with InProcessService(settings) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        floats = client.embeddings.create(
+            model=model,
+            input=["album/1/a.jpg", "album/1/b.jpg"],
+            encoding_format="float",
+            extra_body={"modality": "image"},
+        )
+        packed = client.embeddings.create(
+            model=model,
+            input=["album/1/a.jpg", "album/1/b.jpg"],
+            encoding_format="base64",
+            extra_body={"modality": "image"},
+        )
+        default = client.embeddings.create(
+            model=model, input="album/1/a.jpg", extra_body={"modality": "image"}
+        )
+    assert [e.index for e in floats.data] == [0, 1]
+    for a, b in zip(floats.data, packed.data, strict=True):
+        decoded = (
+            np.frombuffer(__import__("base64").b64decode(b.embedding), dtype="<f4")
+            if isinstance(b.embedding, str)
+            else np.asarray(b.embedding)
+        )
+        np.testing.assert_allclose(np.asarray(a.embedding, dtype=np.float32), decoded, atol=1e-7)
+    np.testing.assert_allclose(default.data[0].embedding, floats.data[0].embedding, atol=1e-6)
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
+    env.update(
+        CLIPLENS_MODEL=settings.model,
+        CLIPLENS_PRETRAINED=settings.pretrained,
+        CLIPLENS_IMAGE_ROOT=str(settings.image_root),
+        CLIPLENS_CPU_WORKERS="2",
+    )
+    env.update(extra)
+    return env
+
+
+def test_cliplens_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cliplens.cli", "serve", "--port", str(port)],
+            env=_env(settings),
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": ["album/1/a.jpg"]}, timeout=60)
+        assert response.status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    served = [line for line in lines if line["message"] == "embeddings served"]
+    assert served and served[0]["trace_id"] == response.headers["x-trace-id"]
+    assert len(served[0]["span_id"]) == 16
+    assert any(line["message"] == "model loaded" for line in lines)
+
+
+@pytest.mark.parametrize("pretrained", ["/nonexistent/weights.bin", "not-a-tag"])
+def test_serve_exits_nonzero_with_offline_advice_when_weights_cannot_load(
+    settings: Settings, tmp_path: Path, pretrained: str
+) -> None:
+    env = _env(settings, CLIPLENS_MODEL="ViT-B-32", CLIPLENS_PRETRAINED=pretrained)
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplens.cli", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "CLIPLENS_PRETRAINED" in result.stderr
+    assert "none" in result.stderr
+
+
+def test_demo_runs_end_to_end_and_prints_the_stage_table(settings: Settings, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplens.cli", "demo", "--photos", "3", "--dir", str(tmp_path)],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "per-request stage time" in result.stdout
+    assert "3 images x 4" in result.stdout
+    assert len(list((tmp_path / "photos").glob("*.jpg"))) == 3

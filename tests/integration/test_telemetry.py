@@ -1,0 +1,152 @@
+"""One measurement, three sinks: spans through a real OTLP receiver, /metrics parsed, Server-Timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from cliplens.settings import Settings
+from tests.conftest import running
+from tests.servers import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
+
+STAGES = ("load", "decode", "preprocess", "embed")
+
+
+@pytest.fixture(params=["grpc", "http/protobuf"])
+def receiver(request: pytest.FixtureRequest) -> Iterator[GrpcOtlpReceiver | HttpOtlpReceiver]:
+    server = GrpcOtlpReceiver() if request.param == "grpc" else HttpOtlpReceiver()
+    server.start()
+    yield server
+    server.stop()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    return {name: float(value) for name, value in re.findall(r"(\w+);dur=([0-9.]+)", header)}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+def test_stage_spans_reach_the_receiver_under_the_request_span(
+    settings: Settings, receiver: GrpcOtlpReceiver | HttpOtlpReceiver
+) -> None:
+    protocol = "grpc" if isinstance(receiver, GrpcOtlpReceiver) else "http/protobuf"
+    traced = dataclasses.replace(
+        settings, otlp_endpoint=receiver.endpoint, otlp_protocol=protocol, service_name="cliplens-test"
+    )
+    inputs = ["album/1/a.jpg", "album/nope.jpg", "album/2/c.jpg"]
+    with running(traced) as client:
+        response = client.post("/v1/embeddings", json={"input": inputs})
+        client.get("/metrics")
+        client.get("/healthz")
+    trace_id = response.headers["x-trace-id"]
+    spans = receiver.store.wait_for(
+        lambda got: any(s.name == "embed" and s.trace_id == trace_id for s in got)
+    )
+    in_trace = [s for s in spans if s.trace_id == trace_id]
+    roots = [s for s in in_trace if s.parent_span_id == ""]
+    assert [s.name for s in roots] == ["POST /v1/embeddings"]
+    root = roots[0]
+    assert root.service_name == "cliplens-test"
+    by_name: dict[str, ReceivedSpan] = {s.name: s for s in in_trace}
+    assert sorted(by_name) == sorted([root.name, *STAGES])
+    for stage in STAGES:
+        assert by_name[stage].parent_span_id == root.span_id
+
+    load_events = {e[2]["cliplens.image.ref"]: e[2] for e in by_name["load"].events if e[0] == "image"}
+    assert set(load_events) == set(inputs)
+    assert load_events["album/nope.jpg"]["cliplens.image.error"] == "not_found"
+    assert load_events["album/1/a.jpg"]["cliplens.image.bytes"] > 0
+    assert by_name["load"].status_code == 2
+    assert by_name["load"].attributes["cliplens.images"] == 3
+    decode_refs = {e[2]["cliplens.image.ref"] for e in by_name["decode"].events}
+    assert decode_refs == {"album/1/a.jpg", "album/2/c.jpg"}
+
+    timing = server_timing(response.headers["server-timing"])
+    for stage in STAGES:
+        assert timing[stage] == pytest.approx(by_name[stage].duration_ms, abs=0.051)
+
+    batches = [s for s in spans if s.name == "embed batch"]
+    linked = {(t, s) for t, s in by_name["embed"].links}
+    assert linked and linked <= {(b.trace_id, b.span_id) for b in batches}
+    for batch in batches:
+        if (batch.trace_id, batch.span_id) in linked:
+            assert (root.trace_id, root.span_id) in batch.links
+
+    assert not any(s.name.startswith(("GET /metrics", "GET /healthz", "GET /readyz")) for s in spans)
+    assert not any("http send" in s.name or "http receive" in s.name for s in spans)
+
+
+def test_metrics_count_exactly_what_was_sent(settings: Settings) -> None:
+    with running(settings) as client:
+        first = client.post(
+            "/v1/embeddings", json={"input": ["album/1/a.jpg", "album/1/b.jpg", "album/nope.jpg"]}
+        )
+        second = client.post("/v1/embeddings", json={"input": ["album/2/c.jpg", "gs://elsewhere/x.jpg"]})
+        client.post("/v1/embeddings", json={"input": ["hello"], "modality": "text"})
+        text = client.get("/metrics").text
+    found = samples(text)
+    assert value(found, "cliplens_images_total", outcome="ok") == 3
+    assert value(found, "cliplens_images_total", outcome="not_found") == 1
+    assert value(found, "cliplens_images_total", outcome="forbidden") == 1
+    assert value(found, "cliplens_images_total", outcome="decode_failed") == 0
+    assert value(found, "cliplens_texts_total") == 1
+    assert value(found, "cliplens_image_stage_seconds_count", stage="load") == 5
+    assert value(found, "cliplens_image_stage_seconds_count", stage="decode") == 3
+    assert value(found, "cliplens_image_stage_seconds_count", stage="preprocess") == 3
+    assert value(found, "cliplens_stage_queue_seconds_count", stage="embed") == 3
+    for stage in STAGES:
+        assert value(found, "cliplens_request_stage_seconds_count", stage=stage) == 2
+    assert value(found, "cliplens_request_seconds_count", modality="image") == 2
+    assert value(found, "cliplens_request_seconds_count", modality="text") == 1
+    assert value(found, "cliplens_request_images_count") == 2
+    assert value(found, "cliplens_request_images_sum") == 5
+    assert value(found, "cliplens_requests_in_flight") == 0
+    assert value(found, "cliplens_embed_batch_size_sum", modality="image") == 3
+    load_sum = value(found, "cliplens_request_stage_seconds_sum", stage="load") * 1000
+    headers = [server_timing(r.headers["server-timing"])["load"] for r in (first, second)]
+    assert load_sum == pytest.approx(sum(headers), abs=0.11)
+    assert sum(v for (name, _), v in found.items() if name == "cliplens_model_info") == 1
+
+
+def test_openmetrics_scrape_carries_trace_id_exemplars(settings: Settings) -> None:
+    with running(settings) as client:
+        response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]})
+        scrape = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        plain = client.get("/metrics")
+    assert scrape.headers["content-type"].startswith("application/openmetrics-text")
+    assert plain.headers["content-type"].startswith("text/plain")
+    exemplars = {
+        sample.exemplar.labels["trace_id"]
+        for family in parse_openmetrics(scrape.text)
+        if family.name == "cliplens_request_seconds"
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    assert exemplars == {response.headers["x-trace-id"]}
+
+
+def test_an_unsampled_request_records_metrics_without_exemplars(settings: Settings) -> None:
+    unsampled = dataclasses.replace(settings, traces_sampler="always_off")
+    with running(unsampled) as client:
+        response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]})
+        scrape = client.get(
+            "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        ).text
+    assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-trace-id"])
+    assert 'cliplens_request_seconds_count{modality="image"} 1.0' in scrape
+    assert "trace_id" not in scrape
