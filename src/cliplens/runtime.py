@@ -32,7 +32,7 @@ class Runtime:
 
     def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(extremes_window_s=settings.extremes_window_s)
         self.tracer_provider = build_tracer_provider(settings)
         self.tracer = self.tracer_provider.get_tracer("cliplens")
         self.on_fatal = on_fatal

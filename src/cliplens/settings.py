@@ -69,6 +69,9 @@ class Settings:
     batch_wait_ms: float = 2.0
     """How long the model worker may wait for a fuller batch, only while more images are on the way."""
 
+    extremes_window_s: float = 15.0
+    """Sliding window of the exact min/max gauges; keep it above the Prometheus scrape interval."""
+
     log_level: str = "INFO"
     """Level of the JSON log lines written to stderr."""
 
@@ -184,6 +187,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         max_downloads=_int(env, "CLIPLENS_MAX_DOWNLOADS", Settings.max_downloads, minimum=1),
         max_batch=_int(env, "CLIPLENS_MAX_BATCH", Settings.max_batch, minimum=1),
         batch_wait_ms=batch_wait,
+        extremes_window_s=_float(env, "CLIPLENS_EXTREMES_WINDOW_S", Settings.extremes_window_s) or 1.0,
         log_level=(env.get("CLIPLENS_LOG_LEVEL") or Settings.log_level).upper(),
         service_name=env.get("OTEL_SERVICE_NAME") or Settings.service_name,
         otlp_endpoint=env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,

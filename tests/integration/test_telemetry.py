@@ -150,3 +150,32 @@ def test_an_unsampled_request_records_metrics_without_exemplars(settings: Settin
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-trace-id"])
     assert 'cliplens_request_seconds_count{modality="image"} 1.0' in scrape
     assert "trace_id" not in scrape
+
+
+def test_exact_extremes_and_per_image_timings_agree_with_server_timing(settings: Settings) -> None:
+    inputs = [["album/1/a.jpg"], ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"], ["album/2/c.jpg"]]
+    with running(settings) as client:
+        responses = [client.post("/v1/embeddings", json={"input": i, "timings": True}) for i in inputs]
+        found = samples(client.get("/metrics").text)
+    load = [server_timing(r.headers["server-timing"])["load"] for r in responses]
+    low = value(found, "cliplens_request_stage_min_seconds", stage="load") * 1000
+    high = value(found, "cliplens_request_stage_max_seconds", stage="load") * 1000
+    assert low == pytest.approx(min(load), abs=0.051)
+    assert high == pytest.approx(max(load), abs=0.051)
+    decode_work = [item["stages"]["decode"]["work_ms"] for r in responses for item in r.json()["timings"]]
+    assert len(decode_work) == 5
+    assert value(found, "cliplens_image_stage_max_seconds", stage="decode") * 1000 == pytest.approx(
+        max(decode_work), abs=0.001
+    )
+    assert value(found, "cliplens_image_stage_min_seconds", stage="decode") * 1000 == pytest.approx(
+        min(decode_work), abs=0.001
+    )
+    first = responses[1].json()["timings"]
+    assert [t["index"] for t in first] == [0, 1, 2]
+    assert set(first[0]["stages"]) == {"load", "decode", "preprocess", "embed"}
+    assert "timings" not in client_free_body(settings)
+
+
+def client_free_body(settings: Settings) -> dict[str, object]:
+    with running(settings) as client:
+        return client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]}).json()

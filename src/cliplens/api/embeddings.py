@@ -18,7 +18,15 @@ from litestar.params import JSONBody, MultipartBody
 from opentelemetry import trace
 
 from cliplens.api.errors import empty_input, too_many_items, trace_headers, unknown_model
-from cliplens.api.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, ItemErrorBody, Usage
+from cliplens.api.schemas import (
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ItemErrorBody,
+    ItemTimings,
+    StageTime,
+    Usage,
+)
 from cliplens.pipeline.references import InlineReference, Reference
 from cliplens.pipeline.service import Embeddings
 from cliplens.runtime import Runtime
@@ -55,7 +63,7 @@ def _check_count(runtime: Runtime, count: int) -> None:
 
 
 def _respond(
-    runtime: Runtime, embeddings: Embeddings, encoding_format: str, modality: str
+    runtime: Runtime, embeddings: Embeddings, encoding_format: str, modality: str, timings: bool = False
 ) -> Response[EmbeddingResponse]:
     data: list[EmbeddingData] = []
     errors: list[ItemErrorBody] = []
@@ -80,6 +88,16 @@ def _respond(
         errors=errors,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
     )
+    if timings:
+        body.timings = [
+            ItemTimings(
+                index=index,
+                stages={
+                    s: StageTime(queue_ms=round(q, 3), work_ms=round(w, 3)) for s, (q, w) in stages.items()
+                },
+            )
+            for index, stages in sorted(embeddings.per_image.items())
+        ]
     headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
     log.info(
         "embeddings served",
@@ -119,7 +137,7 @@ class EmbeddingsController(Controller):
             embeddings = await service.embed_texts(items, _current_span())
         else:
             embeddings = await service.embed_images(list(items), _current_span())
-        return _respond(runtime, embeddings, data.encoding_format, data.modality)
+        return _respond(runtime, embeddings, data.encoding_format, data.modality, data.timings)
 
     @post("/upload", status_code=200, summary="Embed uploaded image files")
     async def upload(

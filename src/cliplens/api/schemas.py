@@ -20,6 +20,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    timings: bool = False
+    """Extension: also return each item's per-stage queue and work milliseconds."""
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -41,12 +43,23 @@ class Usage(msgspec.Struct, kw_only=True):
     images: int = 0
 
 
+class StageTime(msgspec.Struct, kw_only=True):
+    queue_ms: float
+    work_ms: float
+
+
+class ItemTimings(msgspec.Struct, kw_only=True):
+    index: int
+    stages: dict[str, StageTime]
+
+
 class EmbeddingResponse(msgspec.Struct, kw_only=True):
     model: str
     data: list[EmbeddingData]
     errors: list[ItemErrorBody]
     usage: Usage
     object: str = "list"
+    timings: list[ItemTimings] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelCard(msgspec.Struct, kw_only=True):

@@ -56,6 +56,8 @@ class Embeddings:
 
     results: list[ItemResult]
     timing: ServerTiming
+    per_image: dict[int, dict[str, tuple[float, float]]]
+    """{index: {stage: (queue_ms, work_ms)}}: the same stamps as the spans and histograms."""
 
 
 def usable_cpus() -> int:
@@ -141,7 +143,7 @@ class EmbeddingService:
         for result in results:
             outcome = result.error.code.value if result.error else "ok"
             self.metrics.images_total.labels(outcome).inc(1, exemplar)
-        return Embeddings(list(results), timing)
+        return Embeddings(list(results), timing, timeline.per_image())
 
     async def embed_texts(self, texts: Sequence[str], request: SpanContext) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the CPU pool, then the model thread."""
@@ -158,7 +160,7 @@ class EmbeddingService:
         self.metrics.texts_total.inc(len(texts))
         counts = (tokens != 0).sum(dim=1).tolist()
         results = [ItemResult(i, text, vectors[i], tokens=int(counts[i])) for i, text in enumerate(texts)]
-        return Embeddings(results, timing)
+        return Embeddings(results, timing, timeline.per_image())
 
     async def _on_cpu(self, timing: StageTiming, function: Callable[..., _T], *args: object) -> _T:
         """Run `function` on the bounded executor; the wait for a thread is the stage's queue time."""

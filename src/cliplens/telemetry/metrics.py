@@ -17,6 +17,10 @@ What the stage families mean, for a request whose images stream through the stag
 
 Every observation made while a sampled request is being served carries its trace id as an
 exemplar, so a point on a Grafana panel opens the trace that produced it.
+
+Each of these four families also has exact `_min_seconds` / `_max_seconds` gauges over a sliding
+window (`cliplens_image_stage_min_seconds{stage}`, ...; see telemetry/extremes.py), fed by the
+same `observe_*` call, so histogram and extremes can never disagree.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from cliplens.pipeline.errors import ErrorCode
+from cliplens.telemetry.extremes import WindowedExtremes
 
 STAGES: tuple[str, ...] = ("load", "decode", "preprocess", "embed")
 IMAGE_WORK_STAGES: tuple[str, ...] = ("load", "decode", "preprocess")
@@ -39,6 +44,8 @@ def geometric_buckets(start: float, factor: float, stop: float) -> tuple[float, 
     return tuple(bounds)
 
 
+Exemplar = dict[str, str] | None
+
 LATENCY_BUCKETS = geometric_buckets(0.0005, 1.5, 60.0)
 """0.5 ms to ~74 s in steps of x1.5: resolves a 2 ms preprocess and a 9 s download alike."""
 COUNT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 256, 512, 1024)
@@ -47,9 +54,15 @@ COUNT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 50, 64, 100, 128, 256, 5
 class Metrics:
     """The metric families of one app, registered on `registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, extremes_window_s: float = 15.0) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        self.extremes = WindowedExtremes(extremes_window_s)
+        self.extremes.family("cliplens_request_stage", "per-request stage time", ["stage"])
+        self.extremes.family("cliplens_image_stage", "per-image stage work", ["stage"])
+        self.extremes.family("cliplens_stage_queue", "per-image stage wait", ["stage"])
+        self.extremes.family("cliplens_request", "whole-request time", ["modality"])
+        reg.register(self.extremes)
         self.request_stage_seconds = Histogram(
             "cliplens_request_stage_seconds",
             "Per request: wall time the request had images in each stage (waiting or working).",
@@ -121,6 +134,24 @@ class Metrics:
             registry=reg,
         )
         self._initialise_series()
+
+    def observe_image_stage(
+        self, stage: str, work_s: float | None, queue_s: float, exemplar: Exemplar
+    ) -> None:
+        """One image finished a stage: its work (None for `embed`, a shared batch) and its wait."""
+        self.stage_queue_seconds.labels(stage).observe(queue_s, exemplar)
+        self.extremes.observe("cliplens_stage_queue", queue_s, stage)
+        if work_s is not None:
+            self.image_stage_seconds.labels(stage).observe(work_s, exemplar)
+            self.extremes.observe("cliplens_image_stage", work_s, stage)
+
+    def observe_request_stage(self, stage: str, seconds: float, exemplar: Exemplar) -> None:
+        self.request_stage_seconds.labels(stage).observe(seconds, exemplar)
+        self.extremes.observe("cliplens_request_stage", seconds, stage)
+
+    def observe_request(self, modality: str, seconds: float, exemplar: Exemplar) -> None:
+        self.request_seconds.labels(modality).observe(seconds, exemplar)
+        self.extremes.observe("cliplens_request", seconds, modality)
 
     def _initialise_series(self) -> None:
         """Create every bounded label combination at zero, so rates exist before the first error."""

@@ -83,10 +83,8 @@ class StageTiming:
         if self._metrics is None:
             return
         queue_s = (self.started_ns - self.queued_ns) / 1e9
-        self._metrics.stage_queue_seconds.labels(self.stage).observe(queue_s, self._exemplar)
-        if self.stage in IMAGE_WORK_STAGES:
-            work_s = (self.ended_ns - self.started_ns) / 1e9
-            self._metrics.image_stage_seconds.labels(self.stage).observe(work_s, self._exemplar)
+        work_s = (self.ended_ns - self.started_ns) / 1e9 if self.stage in IMAGE_WORK_STAGES else None
+        self._metrics.observe_image_stage(self.stage, work_s, queue_s, self._exemplar)
 
     @contextmanager
     def working(self) -> Iterator[StageTiming]:
@@ -161,6 +159,13 @@ class RequestTimeline:
         """Finished timings, in the order they were entered."""
         return [t for t in self._timings if t.ended_ns is not None and (stage is None or t.stage == stage)]
 
+    def per_image(self) -> dict[int, dict[str, tuple[float, float]]]:
+        """{index: {stage: (queue_ms, work_ms)}} of every finished image timing."""
+        table: dict[int, dict[str, tuple[float, float]]] = {}
+        for timing in self.timings():
+            table.setdefault(timing.index, {})[timing.stage] = (timing.queue_ms, timing.work_ms)
+        return table
+
     def finish(self, tracer: Tracer, parent: Context | None = None) -> ServerTiming:
         """Emit one span per stage under the request span and observe the per-request histograms."""
         ended_ns = now()
@@ -173,12 +178,10 @@ class RequestTimeline:
             last = max(t.ended_ns for t in timings if t.ended_ns is not None)
             stages_ms[stage] = (last - first) / 1e6
             if self._modality == "image":
-                self._metrics.request_stage_seconds.labels(stage).observe(
-                    (last - first) / 1e9, self._exemplar
-                )
+                self._metrics.observe_request_stage(stage, (last - first) / 1e9, self._exemplar)
             self._emit_stage_span(tracer, parent, stage, timings, first, last)
         total_s = (ended_ns - self.started_ns) / 1e9
-        self._metrics.request_seconds.labels(self._modality).observe(total_s, self._exemplar)
+        self._metrics.observe_request(self._modality, total_s, self._exemplar)
         return ServerTiming(stages_ms, total_s * 1e3)
 
     def _emit_stage_span(
