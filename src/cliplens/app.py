@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.metrics import NoOpMeterProvider
 
 from cliplens import __version__
+from cliplens.api.auth import require_token
 from cliplens.api.embeddings import EmbeddingsController
 from cliplens.api.errors import EXCEPTION_HANDLERS
 from cliplens.api.health import healthz, readyz
@@ -50,7 +51,12 @@ def create_app(settings: Settings, on_fatal: Callable[[BaseException], None] | N
         exclude_spans=["receive", "send"],
     )
     app = Litestar(
-        route_handlers=[EmbeddingsController, list_models, healthz, readyz, metrics],
+        route_handlers=[
+            Router(path="/", route_handlers=[EmbeddingsController, list_models], guards=[require_token]),
+            healthz,
+            readyz,
+            metrics,
+        ],
         dependencies={"runtime": Provide(provide_runtime, sync_to_thread=False)},
         plugins=[OpenTelemetryPlugin(tracing)],
         middleware=[tracing.middleware],

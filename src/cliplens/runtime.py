@@ -27,6 +27,10 @@ class NotReady(RuntimeError):
     """The model is still loading (or failed to load)."""
 
 
+class ShuttingDown(RuntimeError):
+    """SIGTERM arrived: in-flight requests finish, new ones are refused."""
+
+
 class Runtime:
     """Everything one app instance owns; see the module docstring."""
 
@@ -40,13 +44,24 @@ class Runtime:
         self._service: EmbeddingService | None = None
         self._loading: asyncio.Task[None] | None = None
         self._processor: SpanProcessor | None = None
+        self.draining = False
 
     @property
     def ready(self) -> bool:
-        return self._service is not None
+        return self._service is not None and not self.draining
+
+    def drain(self) -> None:
+        """Start a graceful shutdown: readiness turns 503 and new work is refused from now on."""
+        if not self.draining:
+            log.info("draining: readiness is now 503 and new requests are refused")
+        self.draining = True
 
     @property
     def service(self) -> EmbeddingService:
+        """The service, for a new request; raises NotReady or ShuttingDown when there is none to give."""
+        if self.draining:
+            self.metrics.rejected_requests_total.labels("shutting_down").inc()
+            raise ShuttingDown("the service is shutting down; retry on another replica")
         if self._service is None:
             reason = f": {self.load_error}" if self.load_error else ""
             raise NotReady(f"the model is not loaded yet{reason}")

@@ -50,6 +50,12 @@ class Settings:
     """Buckets a `gs://` URI may name (the default bucket is always allowed)."""
     gcs_emulator_host: str | None = None
     """`STORAGE_EMULATOR_HOST`: base URL of a GCS emulator such as fake-gcs-server."""
+    allow_emulator: bool = False
+    """`CLIPLENS_ALLOW_EMULATOR=1`: the emulator turns off authentication and TLS checks, so opt in."""
+    download_timeout_s: float = 30.0
+    """Longest a single download may take (also bounded by what is left of the request's deadline)."""
+    download_retries: int = 3
+    """Retries of a download after 429, 5xx or a broken connection (jittered exponential backoff)."""
 
     max_inputs: int = 256
     """Most items one request may carry; more gets 413."""
@@ -60,8 +66,21 @@ class Settings:
     max_image_pixels: int = 100_000_000
     """Largest decoded image (width x height) accepted, checked from the header; more is `too_large`."""
 
+    max_images_in_flight: int = 2048
+    """Admission bound: images being served at once; a request beyond it gets 429 at once."""
+    request_timeout_s: float = 120.0
+    """Deadline of one request; items not done by then get `timeout`, the rest is returned."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish before the process exits."""
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Bearer tokens accepted on the API routes; empty = no authentication."""
+
     cpu_workers: int = 0
     """Threads of the one process-wide decode/preprocess executor; 0 = the cores this process may use."""
+    torch_threads: int = 0
+    """torch intra-op threads for the model; 0 = the cores this process may use."""
+    gpu_decode: bool = False
+    """With a CUDA device, decode JPEGs on the GPU (nvJPEG through torchvision) instead of the CPU."""
     max_downloads: int = 32
     """Downloads in flight across all requests; the rest wait (visible as load queue time)."""
     max_batch: int = 32
@@ -160,8 +179,19 @@ def _resource_attributes(raw: str | None) -> dict[str, str]:
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build Settings from `environ` (the process environment by default)."""
+    """Build Settings from `environ` (the process environment by default).
+
+    Raises SettingsError for a value cliplens cannot use, and when `STORAGE_EMULATOR_HOST` is set
+    without `CLIPLENS_ALLOW_EMULATOR=1`: gcloud-aio would then silently drop authentication and TLS
+    verification, which must never happen by accident in production.
+    """
     env = os.environ if environ is None else environ
+    allow_emulator = _bool(env, "CLIPLENS_ALLOW_EMULATOR", False)
+    if env.get("STORAGE_EMULATOR_HOST") and not allow_emulator:
+        raise SettingsError(
+            "STORAGE_EMULATOR_HOST is set, which turns off GCS authentication and TLS verification; "
+            "set CLIPLENS_ALLOW_EMULATOR=1 if this is a development setup"
+        )
     image_root = env.get("CLIPLENS_IMAGE_ROOT") or None
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
     protocol = (protocol or "http/protobuf").strip().lower()
@@ -179,11 +209,22 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         default_bucket=env.get("CLIPLENS_DEFAULT_BUCKET") or None,
         allowed_buckets=_csv(env.get("CLIPLENS_ALLOWED_BUCKETS")),
         gcs_emulator_host=env.get("STORAGE_EMULATOR_HOST") or None,
+        allow_emulator=allow_emulator,
+        download_timeout_s=_float(env, "CLIPLENS_DOWNLOAD_TIMEOUT_S", Settings.download_timeout_s) or 1.0,
+        download_retries=_int(env, "CLIPLENS_DOWNLOAD_RETRIES", Settings.download_retries),
+        max_images_in_flight=_int(
+            env, "CLIPLENS_MAX_IMAGES_IN_FLIGHT", Settings.max_images_in_flight, minimum=1
+        ),
+        request_timeout_s=_float(env, "CLIPLENS_REQUEST_TIMEOUT_S", Settings.request_timeout_s) or 1.0,
+        shutdown_grace_s=_float(env, "CLIPLENS_SHUTDOWN_GRACE_S", Settings.shutdown_grace_s) or 0.0,
+        api_tokens=_csv(env.get("CLIPLENS_API_TOKENS")),
         max_inputs=_int(env, "CLIPLENS_MAX_INPUTS", Settings.max_inputs, minimum=1),
         max_body_bytes=_int(env, "CLIPLENS_MAX_BODY_BYTES", Settings.max_body_bytes, minimum=1024),
         max_image_bytes=_int(env, "CLIPLENS_MAX_IMAGE_BYTES", Settings.max_image_bytes, minimum=1),
         max_image_pixels=_int(env, "CLIPLENS_MAX_IMAGE_PIXELS", Settings.max_image_pixels, minimum=1),
         cpu_workers=_int(env, "CLIPLENS_CPU_WORKERS", Settings.cpu_workers),
+        torch_threads=_int(env, "CLIPLENS_TORCH_THREADS", Settings.torch_threads),
+        gpu_decode=_bool(env, "CLIPLENS_GPU_DECODE", False),
         max_downloads=_int(env, "CLIPLENS_MAX_DOWNLOADS", Settings.max_downloads, minimum=1),
         max_batch=_int(env, "CLIPLENS_MAX_BATCH", Settings.max_batch, minimum=1),
         batch_wait_ms=batch_wait,

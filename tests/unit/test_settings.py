@@ -28,6 +28,12 @@ def test_reads_every_documented_variable() -> None:
             "CLIPLENS_MAX_BATCH": "8",
             "CLIPLENS_BATCH_WAIT_MS": "0.5",
             "STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443",
+            "CLIPLENS_ALLOW_EMULATOR": "1",
+            "CLIPLENS_MAX_IMAGES_IN_FLIGHT": "500",
+            "CLIPLENS_REQUEST_TIMEOUT_S": "12.5",
+            "CLIPLENS_DOWNLOAD_RETRIES": "5",
+            "CLIPLENS_SHUTDOWN_GRACE_S": "20",
+            "CLIPLENS_API_TOKENS": "alpha, beta",
             "OTEL_SERVICE_NAME": "embedder",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
@@ -46,6 +52,13 @@ def test_reads_every_documented_variable() -> None:
     assert settings.max_batch == 8
     assert settings.batch_wait_ms == 0.5
     assert settings.gcs_emulator_host == "http://127.0.0.1:4443"
+    assert settings.allow_emulator is True
+    assert settings.max_images_in_flight == 500
+    assert settings.request_timeout_s == 12.5
+    assert settings.download_retries == 5
+    assert settings.shutdown_grace_s == 20
+    assert settings.api_tokens == ("alpha", "beta")
+    assert "alpha" not in repr(settings)
     assert settings.service_name == "embedder"
     assert settings.otlp_endpoint == "http://collector:4317"
     assert settings.otlp_protocol == "grpc"
@@ -69,3 +82,9 @@ def test_reads_every_documented_variable() -> None:
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         load_settings({name: value})
+
+
+def test_an_emulator_host_without_the_explicit_opt_in_refuses_to_start() -> None:
+    with pytest.raises(SettingsError, match="CLIPLENS_ALLOW_EMULATOR"):
+        load_settings({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443"})
+    assert load_settings({"STORAGE_EMULATOR_HOST": "http://x:1", "CLIPLENS_ALLOW_EMULATOR": "1"}).allow_emulator

@@ -23,5 +23,10 @@ def healthz() -> Health:
 def readyz(runtime: NamedDependency[Runtime]) -> Response[Health]:
     if runtime.ready:
         return Response(Health(status="ready"), status_code=HTTP_200_OK)
-    detail = f"model failed to load: {runtime.load_error}" if runtime.load_error else "model loading"
+    if runtime.draining:
+        detail = "shutting down"
+    elif runtime.load_error:
+        detail = f"model failed to load: {runtime.load_error}"
+    else:
+        detail = "model loading"
     return Response(Health(status="not_ready", detail=detail), status_code=HTTP_503_SERVICE_UNAVAILABLE)

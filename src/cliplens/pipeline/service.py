@@ -6,6 +6,10 @@ downloads by a semaphore (`max_downloads`), decode and preprocess by one thread 
 (`cpu_workers`), the model by the one batcher. Under load, images wait for those slots, and the
 wait is measured apart from the work (see telemetry/stages.py). A failed item becomes an error
 entry with its code; it never fails the others.
+
+Admission control keeps memory bounded: a request whose images would take the service past
+`max_images_in_flight` is refused at once (`Overloaded`, 429 at the HTTP edge) instead of queueing.
+Each request has a deadline: items not done by then get `timeout`, and the rest is returned.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from typing import TypeVar
 
 import aiohttp
 import numpy as np
+import torch
 from opentelemetry.trace import SpanContext, Tracer
 
 from cliplens.pipeline.batcher import Batcher
@@ -60,6 +66,14 @@ class Embeddings:
     """{index: {stage: (queue_ms, work_ms)}}: the same stamps as the spans and histograms."""
 
 
+class Overloaded(Exception):
+    """Admitting the request would exceed the bound on images in flight."""
+
+    def __init__(self, requested: int, in_flight: int, limit: int) -> None:
+        super().__init__(f"{in_flight} images in flight; {requested} more would pass the limit of {limit}")
+        self.requested = requested
+
+
 def usable_cpus() -> int:
     """The cores this process may run on (its affinity mask, not the machine's count)."""
     try:
@@ -93,15 +107,21 @@ class EmbeddingService:
             has_local_root=settings.image_root is not None,
             max_image_bytes=settings.max_image_bytes,
         )
+        self.images_in_flight = 0
         self._http_session = http_session
-        local = (
-            LocalDirectorySource(settings.image_root, settings.max_image_bytes)
-            if settings.image_root
-            else None
-        )
+        local = None
+        if settings.image_root:
+            local = LocalDirectorySource(settings.image_root, settings.max_image_bytes)
         gcs = None
         if http_session is not None:
-            gcs = GcsSource(http_session, settings.max_image_bytes, settings.gcs_emulator_host)
+            gcs = GcsSource(
+                http_session,
+                settings.max_image_bytes,
+                settings.gcs_emulator_host,
+                timeout_s=settings.download_timeout_s,
+                retries=settings.download_retries,
+                on_retry=lambda reason: metrics.download_retries_total.labels(reason).inc(),
+            )
         self.sources = ImageSources(local, gcs, settings.max_image_bytes)
         self.batcher = Batcher(
             model, self.preprocessor, tracer, metrics, settings.max_batch, settings.batch_wait_ms / 1000.0
@@ -110,7 +130,8 @@ class EmbeddingService:
 
     @classmethod
     async def start(cls, settings: Settings, tracer: Tracer, metrics: Metrics) -> EmbeddingService:
-        """Load the model (off the event loop) and open the storage session."""
+        """Size torch's threads, load the model (off the event loop) and open the storage session."""
+        torch.set_num_threads(settings.torch_threads or usable_cpus())
         model = await asyncio.to_thread(load_model, settings)
         session = None
         if settings.default_bucket or settings.allowed_buckets:
@@ -126,24 +147,62 @@ class EmbeddingService:
         if self._http_session is not None:
             await self._http_session.close()
 
+    def _admit(self, count: int) -> None:
+        limit = self.settings.max_images_in_flight
+        if self.images_in_flight and self.images_in_flight + count > limit:
+            self.metrics.rejected_requests_total.labels("overloaded").inc()
+            raise Overloaded(count, self.images_in_flight, limit)
+        self.images_in_flight += count
+        self.metrics.images_in_flight.set(self.images_in_flight)
+
+    def _release(self, count: int) -> None:
+        self.images_in_flight -= count
+        self.metrics.images_in_flight.set(self.images_in_flight)
+
     async def embed_images(self, items: Sequence[Item], request: SpanContext) -> Embeddings:
-        """Embed every item concurrently; the results keep the input order."""
+        """Embed every item concurrently, within the deadline; the results keep the input order.
+
+        Raises Overloaded when the admission bound would be passed.
+        """
+        self._admit(len(items))
         timeline = RequestTimeline(self.metrics, "image", request)
+        deadline = time.monotonic() + self.settings.request_timeout_s
         self.metrics.requests_in_flight.inc()
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
             self.batcher.expect(len(items))
-            results = await asyncio.gather(
-                *(self._embed_one(index, item, timeline, request) for index, item in enumerate(items))
-            )
+            tasks = [
+                asyncio.ensure_future(self._embed_one(index, item, timeline, request, deadline))
+                for index, item in enumerate(items)
+            ]
+            try:
+                await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            results = [
+                self._result_of(task, index, item)
+                for index, (task, item) in enumerate(zip(tasks, items, strict=True))
+            ]
             timing = timeline.finish(self.tracer)
         finally:
             self.metrics.requests_in_flight.dec()
+            self._release(len(items))
         exemplar = exemplar_for(request)
         for result in results:
             outcome = result.error.code.value if result.error else "ok"
             self.metrics.images_total.labels(outcome).inc(1, exemplar)
-        return Embeddings(list(results), timing, timeline.per_image())
+        return Embeddings(results, timing, timeline.per_image())
+
+    def _result_of(self, task: asyncio.Future[ItemResult], index: int, item: Item) -> ItemResult:
+        if not task.cancelled() and task.exception() is None:
+            return task.result()
+        label = item if isinstance(item, str) else str(item)
+        if task.cancelled():
+            message = f"not done within the request deadline of {self.settings.request_timeout_s:g} s"
+            return ItemResult(index, label, error=ItemError(ErrorCode.TIMEOUT, message))
+        raise task.exception()  # type: ignore[misc]
 
     async def embed_texts(self, texts: Sequence[str], request: SpanContext) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the CPU pool, then the model thread."""
@@ -171,7 +230,7 @@ class EmbeddingService:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
-    async def _load(self, timing: StageTiming, item: Item) -> bytes:
+    async def _load(self, timing: StageTiming, item: Item, deadline: float) -> bytes:
         reference = self.parser.parse(item) if isinstance(item, str) else item
         if not self.sources.needs_slot(reference):
             with timing.working():
@@ -179,45 +238,53 @@ class EmbeddingService:
         else:
             async with self.download_slots:
                 with timing.working():
-                    data = await self.sources.read(reference)
+                    data = await self.sources.read(reference, deadline)
         timing.attributes["bytes"] = len(data)
         return data
 
     async def _embed_one(
-        self, index: int, item: Item, timeline: RequestTimeline, request: SpanContext
+        self, index: int, item: Item, timeline: RequestTimeline, request: SpanContext, deadline: float
     ) -> ItemResult:
+        """One item through every stage. Until it reaches the model it is `expect`ed by the batcher,
+        so every way out before that (error, deadline) withdraws it."""
         label = item if isinstance(item, str) else str(item)
-        stage = "load"
+        timing = timeline.enter(index, "load", label)
+        queued_for_model = False
         try:
-            load = timeline.enter(index, "load", label)
-            try:
-                data = await self._load(load, item)
-            except ItemError as exc:
-                if load.ended_ns is None:
-                    load.start()
-                    load.end(exc)
-                raise
-            stage = "decode"
-            decode = timeline.enter(index, "decode", label)
+            data = await self._load(timing, item, deadline)
+            timing = timeline.enter(index, "decode", label)
             decoded = await self._on_cpu(
-                decode, decode_image, data, self.model.preprocess.min_side, self.settings.max_image_pixels
+                timing, decode_image, data, self.model.preprocess.min_side, self.settings.max_image_pixels
             )
-            decode.attributes["width"], decode.attributes["height"] = decoded.original_size
-            decode.attributes["format"] = decoded.format
-            stage = "preprocess"
-            preprocess = timeline.enter(index, "preprocess", label)
-            image = await self._on_cpu(preprocess, self.preprocessor, decoded.pixels)
-            stage = "embed"
-            vector = await self.batcher.embed(image, timeline.enter(index, "embed", label), request)
+            timing.attributes["width"], timing.attributes["height"] = decoded.original_size
+            timing.attributes["format"] = decoded.format
+            timing = timeline.enter(index, "preprocess", label)
+            image = await self._on_cpu(timing, self.preprocessor, decoded.pixels)
+            timing = timeline.enter(index, "embed", label)
+            queued_for_model = True
+            vector = await self.batcher.embed(image, timing, request)
             return ItemResult(index, label, vector)
         except ItemError as exc:
-            self.batcher.withdraw()
+            self._abandon(timing, exc, queued_for_model)
             return ItemResult(index, label, error=exc)
+        except asyncio.CancelledError:
+            self._abandon(timing, ItemError(ErrorCode.TIMEOUT, "request deadline"), queued_for_model)
+            raise
         except Exception as exc:
-            if stage == "embed":
+            if queued_for_model:
                 raise
+            log.exception("unexpected failure in stage %s", timing.stage, extra={"index": index})
+            error = ItemError(ErrorCode.DECODE_FAILED, f"{timing.stage} failed: {exc}")
+            self._abandon(timing, error, queued_for_model)
+            return ItemResult(index, label, error=error)
+
+    def _abandon(self, timing: StageTiming, error: ItemError, queued_for_model: bool) -> None:
+        """The item leaves the pipeline early: close its open stage and release its model slot.
+
+        A stage a worker thread is running is left to that thread to close (`end` counts once).
+        """
+        if timing.started_ns is None:
+            timing.start()
+            timing.end(error)
+        if not queued_for_model:
             self.batcher.withdraw()
-            log.exception("unexpected failure in stage %s", stage, extra={"index": index})
-            return ItemResult(
-                index, label, error=ItemError(ErrorCode.DECODE_FAILED, f"{stage} failed: {exc}")
-            )

@@ -11,10 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import aiohttp
 from gcloud.aio.storage import Storage
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
 
 from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.references import GcsReference, InlineReference, LocalReference, Reference
@@ -22,6 +32,8 @@ from cliplens.pipeline.references import GcsReference, InlineReference, LocalRef
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
+PUBLIC_API_ROOT = "https://www.googleapis.com"
+_BACKOFF = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
 
 
 class LocalDirectorySource:
@@ -62,8 +74,33 @@ class LocalDirectorySource:
             raise ItemError(ErrorCode.FORBIDDEN, f"{name!r} is not readable") from None
 
 
+class _Transient(ItemError):
+    """A failure worth retrying (429, 5xx, a broken or timed-out connection)."""
+
+    def __init__(
+        self, code: ErrorCode, message: str, reason: str, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    value = (headers or {}).get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
 class GcsSource:
-    """Objects in GCS buckets, streamed through one shared aiohttp session, stopped at the byte cap."""
+    """Objects in GCS buckets, streamed through one shared aiohttp session, stopped at the byte cap.
+
+    gcloud-aio does not retry downloads: here 429, 5xx and connection failures are retried with
+    jittered exponential backoff (honouring Retry-After), within the request's deadline; 404 and
+    403 never are. The API root is always passed explicitly, so an `STORAGE_EMULATOR_HOST` in the
+    environment can never silently redirect (and de-authenticate) the client.
+    """
 
     def __init__(
         self,
@@ -71,20 +108,59 @@ class GcsSource:
         max_bytes: int,
         emulator_host: str | None = None,
         timeout_s: float = 30.0,
+        retries: int = 3,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
-        api_root = (
-            emulator_host if emulator_host is None or "://" in emulator_host else f"http://{emulator_host}"
-        )
-        self.storage = Storage(session=session, api_root=api_root)  # type: ignore[arg-type]
+        if emulator_host is None:
+            self.storage = Storage(session=session, api_root=PUBLIC_API_ROOT, api_is_dev=False)  # type: ignore[arg-type]
+        else:
+            root = emulator_host if "://" in emulator_host else f"http://{emulator_host}"
+            self.storage = Storage(session=session, api_root=root, api_is_dev=True)  # type: ignore[arg-type]
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.retries = retries
+        self.on_retry = on_retry
 
-    async def read(self, reference: GcsReference) -> bytes:
+    async def read(self, reference: GcsReference, deadline: float | None = None) -> bytes:
+        """The object's bytes; `deadline` (time.monotonic) bounds every attempt and every backoff."""
+        budget = self.timeout_s * (self.retries + 1) if deadline is None else deadline - time.monotonic()
+
+        def wait(state: RetryCallState) -> float:
+            backoff = _BACKOFF(state)
+            exc = state.outcome.exception() if state.outcome else None
+            hinted = exc.retry_after_s if isinstance(exc, _Transient) else None
+            return max(backoff, hinted or 0.0)
+
+        def count(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            if self.on_retry is not None and isinstance(exc, _Transient):
+                self.on_retry(exc.reason)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(self.retries + 1) | stop_before_delay(max(budget, 0.0)),
+            wait=wait,
+            before_sleep=count,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    remaining = self.timeout_s if deadline is None else deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ItemError(ErrorCode.TIMEOUT, f"no time left to download {reference}")
+                    return await self._read_once(reference, min(self.timeout_s, remaining))
+        except _Transient as exc:
+            code = ErrorCode.TIMEOUT if exc.reason == "timeout" else ErrorCode.STORAGE_UNAVAILABLE
+            raise ItemError(code, exc.message) from None
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _read_once(self, reference: GcsReference, timeout_s: float) -> bytes:
         try:
             stream = await self.storage.download_stream(
                 reference.bucket,
                 reference.name,
-                timeout=self.timeout_s,  # type: ignore[arg-type]
+                timeout=timeout_s,  # type: ignore[arg-type]
             )
             async with stream:
                 if stream.content_length > self.max_bytes:
@@ -95,26 +171,37 @@ class GcsSource:
                     received += len(chunk)
                     if received > self.max_bytes:
                         raise ItemError(
-                            ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes"
+                            ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes (decoded)"
                         )
                     chunks.append(chunk)
                 return b"".join(chunks)
         except aiohttp.ClientResponseError as exc:
-            raise _from_status(exc.status, reference) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ItemError(
-                ErrorCode.STORAGE_UNAVAILABLE, f"storage did not answer for {reference}: {type(exc).__name__}"
+            raise _from_status(exc.status, reference, _retry_after(exc.headers)) from None
+        except TimeoutError:
+            raise _Transient(
+                ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Transient(
+                ErrorCode.STORAGE_UNAVAILABLE,
+                f"storage did not answer for {reference}: {type(exc).__name__}",
+                "connection",
             ) from None
 
 
-def _from_status(status: int, reference: GcsReference) -> ItemError:
+def _from_status(status: int, reference: GcsReference, retry_after_s: float | None) -> ItemError:
     if status == 404:
         return ItemError(ErrorCode.NOT_FOUND, f"{reference} does not exist")
     if status in (401, 403):
         return ItemError(ErrorCode.FORBIDDEN, f"access to {reference} was refused (HTTP {status})")
     if status == 400:
         return ItemError(ErrorCode.INVALID_REFERENCE, f"storage refused the name {reference} (HTTP 400)")
-    return ItemError(ErrorCode.STORAGE_UNAVAILABLE, f"storage answered HTTP {status} for {reference}")
+    message = f"storage answered HTTP {status} for {reference}"
+    if status == 429:
+        return _Transient(ErrorCode.STORAGE_UNAVAILABLE, message, "http_429", retry_after_s)
+    if status >= 500:
+        return _Transient(ErrorCode.STORAGE_UNAVAILABLE, message, "http_5xx", retry_after_s)
+    return ItemError(ErrorCode.STORAGE_UNAVAILABLE, message)
 
 
 class ImageSources:
@@ -129,7 +216,7 @@ class ImageSources:
         """Whether reading the reference is I/O that must wait for a download slot."""
         return not isinstance(reference, InlineReference)
 
-    async def read(self, reference: Reference) -> bytes:
+    async def read(self, reference: Reference, deadline: float | None = None) -> bytes:
         if isinstance(reference, InlineReference):
             if len(reference.data) > self.max_bytes:
                 raise ItemError(ErrorCode.TOO_LARGE, f"the image is larger than {self.max_bytes} bytes")
@@ -140,4 +227,4 @@ class ImageSources:
             return await asyncio.to_thread(self.local.read, reference.name)
         if self.gcs is None:
             raise ItemError(ErrorCode.STORAGE_UNAVAILABLE, "GCS is not configured in this service")
-        return await self.gcs.read(reference)
+        return await self.gcs.read(reference, deadline)

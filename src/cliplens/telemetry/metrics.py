@@ -34,6 +34,8 @@ STAGES: tuple[str, ...] = ("load", "decode", "preprocess", "embed")
 IMAGE_WORK_STAGES: tuple[str, ...] = ("load", "decode", "preprocess")
 OUTCOMES: tuple[str, ...] = ("ok", *(code.value for code in ErrorCode))
 MODALITIES: tuple[str, ...] = ("image", "text")
+REJECTIONS: tuple[str, ...] = ("overloaded", "shutting_down")
+RETRY_REASONS: tuple[str, ...] = ("http_429", "http_5xx", "connection", "timeout")
 
 
 def geometric_buckets(start: float, factor: float, stop: float) -> tuple[float, ...]:
@@ -127,6 +129,23 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.images_in_flight = Gauge(
+            "cliplens_images_in_flight",
+            "Images admitted and not finished; admission control refuses requests beyond its bound.",
+            registry=reg,
+        )
+        self.rejected_requests_total = Counter(
+            "cliplens_rejected_requests_total",
+            "Requests refused before any work, by reason: overloaded (429), shutting_down (503).",
+            ["reason"],
+            registry=reg,
+        )
+        self.download_retries_total = Counter(
+            "cliplens_download_retries_total",
+            "Storage downloads retried, by reason: http_429, http_5xx, connection, timeout.",
+            ["reason"],
+            registry=reg,
+        )
         self.model_info = Gauge(
             "cliplens_model_info",
             "The served model (always 1); its labels say which model, device and dtype.",
@@ -160,6 +179,10 @@ class Metrics:
             self.stage_queue_seconds.labels(stage)
         for stage in IMAGE_WORK_STAGES:
             self.image_stage_seconds.labels(stage)
+        for reason in REJECTIONS:
+            self.rejected_requests_total.labels(reason)
+        for reason in RETRY_REASONS:
+            self.download_retries_total.labels(reason)
         for outcome in OUTCOMES:
             self.images_total.labels(outcome)
         for modality in MODALITIES:

@@ -15,6 +15,7 @@ plain attribute writes, so worker threads may start and end timings the event lo
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, Tracer
 
-from cliplens.pipeline.errors import ItemError
+from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.telemetry.metrics import IMAGE_WORK_STAGES, STAGES, Metrics
 
 Stage = Literal["load", "decode", "preprocess", "embed"]
@@ -72,10 +73,13 @@ class StageTiming:
 
     def start(self, at: int | None = None) -> None:
         """A worker picked the image up: the wait is over, the work begins."""
-        self.started_ns = now() if at is None else at
+        if self.ended_ns is None:
+            self.started_ns = now() if at is None else at
 
     def end(self, error: ItemError | None = None, at: int | None = None) -> None:
-        """The stage is done with the image; observe its work and wait at once."""
+        """The stage is done with the image; observe its work and wait at once (only the first time)."""
+        if self.ended_ns is not None:
+            return
         self.ended_ns = now() if at is None else at
         if self.started_ns is None:
             self.started_ns = self.ended_ns
@@ -94,6 +98,9 @@ class StageTiming:
             yield self
         except ItemError as exc:
             self.end(exc)
+            raise
+        except asyncio.CancelledError:
+            self.end(ItemError(ErrorCode.TIMEOUT, "cancelled at the request deadline"))
             raise
         except BaseException:
             self.end()
