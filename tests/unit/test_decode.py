@@ -127,3 +127,33 @@ def test_the_format_comes_from_the_signature_not_a_name() -> None:
     assert sniff_format(save(Image.new("RGB", (4, 4)), "PNG")) == "PNG"
     assert sniff_format(save(Image.new("RGB", (4, 4)), "WEBP")) == "WEBP"
     assert sniff_format(b"%PDF-1.7") is None
+
+
+def test_device_decode_gives_a_chw_tensor_close_to_pillow() -> None:
+    import torch
+
+    from cliplens.pipeline.decode import decode_on_device
+
+    data = encode_jpeg(render_photo(4, 640, 480), orientation=6)
+    on_device = decode_on_device(data, torch.device("cpu"), MIN_SIDE, MAX_PIXELS)
+    assert isinstance(on_device.pixels, torch.Tensor)
+    assert tuple(on_device.pixels.shape) == (3, 640, 480)
+    assert on_device.size == (480, 640)
+    pillow = decode_image(data, 10_000, MAX_PIXELS).pixels
+    difference = np.abs(on_device.pixels.permute(1, 2, 0).numpy().astype(int) - pillow.astype(int))
+    assert difference.mean() < 1.5
+
+
+def test_device_decode_keeps_the_header_checks_and_hands_other_formats_to_pillow() -> None:
+    import torch
+
+    from cliplens.pipeline.decode import decode_on_device
+
+    cpu = torch.device("cpu")
+    with pytest.raises(ItemError) as caught:
+        decode_on_device(jpeg_claiming(60_000, 60_000), cpu, MIN_SIDE, MAX_PIXELS)
+    assert caught.value.code == ErrorCode.TOO_LARGE
+    png = decode_on_device(save(render_photo(1, 64, 48), "PNG"), cpu, MIN_SIDE, MAX_PIXELS)
+    assert isinstance(png.pixels, np.ndarray)
+    cmyk = decode_on_device(save(render_photo(2, 64, 48).convert("CMYK"), "JPEG"), cpu, MIN_SIDE, MAX_PIXELS)
+    assert isinstance(cmyk.pixels, np.ndarray) and cmyk.pixels.shape == (48, 64, 3)

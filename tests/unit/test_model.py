@@ -43,3 +43,21 @@ def test_model_id_names_architecture_and_weights(
     model: str, pretrained: str, random: bool, expected: str
 ) -> None:
     assert model_id(Settings(model=model, pretrained=pretrained), random) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_stays_within_cosine_0_999_of_float32(dtype: str) -> None:
+    """The real ViT-B-32 architecture, weights cast once at load, against float32 (same seed)."""
+    from cliplens.pipeline.model import load_model
+
+    vectors = {}
+    image = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    for name in ("float32", dtype):
+        torch.manual_seed(0)
+        model = load_model(Settings(model="ViT-B-32", pretrained="none", dtype=name))  # type: ignore[arg-type]
+        assert model.dtype_name == name
+        assert next(model.model.parameters()).dtype == getattr(torch, name)
+        vectors[name] = model.encode_images(image)
+    cosine = (vectors["float32"] * vectors[dtype]).sum(axis=1)
+    assert cosine.min() >= 0.999

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
-from cliplens.pipeline.decode import decode_image
+from cliplens.pipeline.decode import decode_image, decode_on_device
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
 
 REAL_PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -25,10 +25,20 @@ def reference(data: bytes, cfg: dict[str, object] | None = None) -> torch.Tensor
     return transform(image)
 
 
-def ours(data: bytes, config: PreprocessConfig) -> torch.Tensor:
+def ours(data: bytes, config: PreprocessConfig, device_decode: bool = False) -> torch.Tensor:
+    """cliplens's decode + preprocess; `device_decode` takes the GPU decode path, here on the CPU."""
     preprocessor = Preprocessor(config, torch.device("cpu"))
-    decoded = decode_image(data, config.min_side, 10**9)
+    if device_decode:
+        decoded = decode_on_device(data, torch.device("cpu"), config.min_side, 10**9)
+    else:
+        decoded = decode_image(data, config.min_side, 10**9)
     return preprocessor.normalize([preprocessor(decoded.pixels)], torch.float32)[0]
+
+
+def cmyk_jpeg(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("CMYK").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
 
 
 def fidelity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -42,11 +52,13 @@ def fidelity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
         REAL_PHOTO.read_bytes(),
         encode_jpeg(render_photo(5, 4032, 3024)),
         encode_jpeg(render_photo(6, 3000, 4000), orientation=8),
+        cmyk_jpeg(REAL_PHOTO),
     ],
-    ids=["real-photo", "12mp-dct-scaled", "exif-rotated"],
+    ids=["real-photo", "12mp-dct-scaled", "exif-rotated", "cmyk-real-photo"],
 )
-def test_matches_open_clip_reference_preprocessing(data: bytes) -> None:
-    mean, p99 = fidelity(ours(data, PreprocessConfig()), reference(data))
+@pytest.mark.parametrize("device_decode", [False, True], ids=["pillow-decode", "device-decode"])
+def test_matches_open_clip_reference_preprocessing(data: bytes, device_decode: bool) -> None:
+    mean, p99 = fidelity(ours(data, PreprocessConfig(), device_decode), reference(data))
     assert mean <= 0.005
     assert p99 <= 0.03
 

@@ -3,6 +3,9 @@
 Only the pixels the model needs are decoded: a JPEG is decoded in the DCT domain at the smallest
 scale (1/2, 1/4, 1/8) whose shorter side still covers `min_side`, which for a 12 MP phone photo is
 16-64x less work than a full decode, and the final antialiased resize happens in `preprocess`.
+With `CLIPLENS_GPU_DECODE`, JPEGs are instead decoded by torchvision on the model's device
+(nvJPEG on CUDA) into a tensor that never leaves it; other formats, and JPEGs that path cannot
+take (CMYK), still go through Pillow.
 The format is decided from the bytes' signature, never the file name, and the pixel count is
 checked from the header before any pixel buffer is allocated. EXIF orientation is applied, and
 CMYK, grayscale, 16-bit, palette and alpha images are each turned into 8-bit RGB explicitly.
@@ -17,7 +20,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from cliplens.pipeline.errors import ErrorCode, ItemError
 
@@ -48,22 +53,22 @@ def sniff_format(data: bytes) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class DecodedImage:
-    """RGB uint8 pixels (height, width, 3) and where they came from."""
+    """RGB uint8 pixels, (height, width, 3) numpy from Pillow or (3, height, width) torch from the
+    device decoder, and where they came from."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray | torch.Tensor
     format: str
     original_size: tuple[int, int]
 
     @property
     def size(self) -> tuple[int, int]:
+        if isinstance(self.pixels, torch.Tensor):
+            return (int(self.pixels.shape[2]), int(self.pixels.shape[1]))
         return (int(self.pixels.shape[1]), int(self.pixels.shape[0]))
 
 
-def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
-    """Decode `data` to RGB pixels whose shorter side is at least `min_side` when the source allows.
-
-    Raises ItemError: `unsupported_format`, `too_large` or `decode_failed`.
-    """
+def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Open the header only, after the signature check, and enforce the pixel cap."""
     if not data:
         raise ItemError(ErrorCode.DECODE_FAILED, "the image is empty (0 bytes)")
     image_format = sniff_format(data)
@@ -80,14 +85,46 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
         raise ItemError(ErrorCode.TOO_LARGE, f"the image declares too many pixels: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ItemError(ErrorCode.DECODE_FAILED, f"the {image_format} header is unreadable: {exc}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise ItemError(ErrorCode.DECODE_FAILED, "the image has no pixels")
+    if width * height > max_pixels:
+        image.close()
+        raise ItemError(ErrorCode.TOO_LARGE, f"{width}x{height} is more than the {max_pixels} pixels allowed")
+    return image, image_format
+
+
+def decode_on_device(data: bytes, device: torch.device, min_side: int, max_pixels: int) -> DecodedImage:
+    """Decode a JPEG with torchvision on `device` (nvJPEG on CUDA); anything else via Pillow.
+
+    The header checks (signature, pixel cap) are the same as `decode_image`'s, done before any
+    pixel is decoded. EXIF orientation is applied by the decoder.
+    """
+    image, image_format = _open_checked(data, max_pixels)
+    with image:
+        size, mode = image.size, image.mode
+    if image_format != "JPEG" or mode not in ("RGB", "L"):
+        return decode_image(data, min_side, max_pixels)
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        return decode_image(data, min_side, max_pixels)
+    return DecodedImage(pixels, image_format, size)
+
+
+def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
+    """Decode `data` to RGB pixels whose shorter side is at least `min_side` when the source allows.
+
+    Raises ItemError: `unsupported_format`, `too_large` or `decode_failed`.
+    """
+    image, image_format = _open_checked(data, max_pixels)
     with image:
         width, height = image.size
-        if width <= 0 or height <= 0:
-            raise ItemError(ErrorCode.DECODE_FAILED, "the image has no pixels")
-        if width * height > max_pixels:
-            raise ItemError(
-                ErrorCode.TOO_LARGE, f"{width}x{height} is more than the {max_pixels} pixels allowed"
-            )
         if image_format == "JPEG" and min(width, height) > min_side:
             scale = min_side / min(width, height)
             image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))

@@ -82,8 +82,10 @@ class Preprocessor:
             return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)
         return tensor
 
-    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
-        """The model-sized uint8 image (3, H, W) for one decoded image."""
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The model-sized uint8 image (3, H, W) for one decoded image (numpy HWC or tensor CHW)."""
+        if isinstance(pixels, torch.Tensor):
+            return self.resize_crop(pixels.to(self.device, non_blocking=True))
         return self.resize_crop(self.to_tensor(pixels))
 
     def resize_crop(self, image: torch.Tensor) -> torch.Tensor:

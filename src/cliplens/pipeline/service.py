@@ -29,7 +29,7 @@ import torch
 from opentelemetry.trace import SpanContext, Tracer
 
 from cliplens.pipeline.batcher import Batcher
-from cliplens.pipeline.decode import decode_image
+from cliplens.pipeline.decode import DecodedImage, decode_image, decode_on_device
 from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
@@ -230,6 +230,12 @@ class EmbeddingService:
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
+    def _decode(self, data: bytes) -> DecodedImage:
+        min_side, max_pixels = self.model.preprocess.min_side, self.settings.max_image_pixels
+        if self.settings.gpu_decode:
+            return decode_on_device(data, self.model.device, min_side, max_pixels)
+        return decode_image(data, min_side, max_pixels)
+
     async def _load(self, timing: StageTiming, item: Item, deadline: float) -> bytes:
         reference = self.parser.parse(item) if isinstance(item, str) else item
         if not self.sources.needs_slot(reference):
@@ -253,9 +259,7 @@ class EmbeddingService:
         try:
             data = await self._load(timing, item, deadline)
             timing = timeline.enter(index, "decode", label)
-            decoded = await self._on_cpu(
-                timing, decode_image, data, self.model.preprocess.min_side, self.settings.max_image_pixels
-            )
+            decoded = await self._on_cpu(timing, self._decode, data)
             timing.attributes["width"], timing.attributes["height"] = decoded.original_size
             timing.attributes["format"] = decoded.format
             timing = timeline.enter(index, "preprocess", label)

@@ -1,0 +1,76 @@
+"""The CUDA paths on a real GPU: preprocessing and JPEG decoding on the device, reduced precision.
+
+Skipped where torch sees no CUDA device (CI has none); `benchmarks/gpu.sh` runs them on a GPU
+machine. The same code runs on the CPU in tests/unit (test_preprocess, test_decode), so it cannot
+rot between GPU runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.pipeline.decode import decode_image, decode_on_device
+from cliplens.pipeline.model import load_model, resolve_dtype
+from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
+from cliplens.settings import Settings
+from tests.conftest import running
+from tests.unit.test_preprocess import REAL_PHOTO, fidelity, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def test_gpu_preprocessing_matches_the_cpu_path() -> None:
+    pixels = decode_image(REAL_PHOTO.read_bytes(), 448, 10**9).pixels
+    on_cpu = Preprocessor(PreprocessConfig(), torch.device("cpu"))(pixels)
+    on_gpu = Preprocessor(PreprocessConfig(), CUDA)(pixels)
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
+    difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert difference.float().mean() < 0.5
+    assert difference.max() <= 2
+
+
+def test_gpu_jpeg_decode_applies_exif_and_matches_pillow() -> None:
+    data = encode_jpeg(render_photo(3, 1200, 900), orientation=6)
+    on_gpu = decode_on_device(data, CUDA, 448, 10**9)
+    assert isinstance(on_gpu.pixels, torch.Tensor) and on_gpu.pixels.device.type == "cuda"
+    assert on_gpu.size == (900, 1200)
+    pillow = decode_image(data, 10_000, 10**9).pixels
+    difference = np.abs(on_gpu.pixels.permute(1, 2, 0).cpu().numpy().astype(int) - pillow.astype(int))
+    assert difference.mean() < 1.5
+
+
+def test_the_whole_gpu_path_matches_open_clip_reference() -> None:
+    data = REAL_PHOTO.read_bytes()
+    preprocessor = Preprocessor(PreprocessConfig(), CUDA)
+    decoded = decode_on_device(data, CUDA, 448, 10**9)
+    ours = preprocessor.normalize([preprocessor(decoded.pixels)], torch.float32)[0].cpu()
+    mean, p99 = fidelity(ours, reference(data))
+    assert mean <= 0.005 and p99 <= 0.03
+
+
+def test_auto_dtype_on_cuda_is_reduced_precision_within_cosine_0_999() -> None:
+    auto = resolve_dtype("auto", CUDA)
+    assert auto in (torch.bfloat16, torch.float16)
+    image = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    vectors = {}
+    for dtype in ("float32", "auto"):
+        torch.manual_seed(0)
+        model = load_model(Settings(model="ViT-B-32", pretrained="none", device="cuda", dtype=dtype))  # type: ignore[arg-type]
+        vectors[dtype] = model.encode_images(image.to(CUDA))
+    assert (vectors["float32"] * vectors["auto"]).sum(axis=1).min() >= 0.999
+
+
+def test_the_service_embeds_on_the_gpu_with_gpu_decoding(settings: Settings) -> None:
+    cuda = dataclasses.replace(settings, device="cuda", gpu_decode=True)
+    with running(cuda) as client:
+        model = client.get("/v1/models").json()["data"][0]
+        body = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"]}).json()
+    assert model["device"].startswith("cuda")
+    assert model["dtype"] in ("bfloat16", "float16")
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
