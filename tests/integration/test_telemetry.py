@@ -116,6 +116,9 @@ def test_metrics_count_exactly_what_was_sent(settings: Settings) -> None:
     assert value(found, "cliplens_request_images_count") == 2
     assert value(found, "cliplens_request_images_sum") == 5
     assert value(found, "cliplens_requests_in_flight") == 0
+    assert value(found, "cliplens_requests_in_flight_max") == 1
+    assert value(found, "cliplens_images_in_flight_max") == 3
+    assert value(found, "cliplens_images_in_flight_limit") == settings.max_images_in_flight
     assert value(found, "cliplens_embed_batch_size_sum", modality="image") == 3
     load_sum = value(found, "cliplens_request_stage_seconds_sum", stage="load") * 1000
     headers = [server_timing(r.headers["server-timing"])["load"] for r in (first, second)]

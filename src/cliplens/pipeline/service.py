@@ -108,6 +108,7 @@ class EmbeddingService:
             max_image_bytes=settings.max_image_bytes,
         )
         self.images_in_flight = 0
+        metrics.images_in_flight_limit.set(settings.max_images_in_flight)
         self._http_session = http_session
         local = None
         if settings.image_root:
@@ -153,11 +154,11 @@ class EmbeddingService:
             self.metrics.rejected_requests_total.labels("overloaded").inc()
             raise Overloaded(count, self.images_in_flight, limit)
         self.images_in_flight += count
-        self.metrics.images_in_flight.set(self.images_in_flight)
+        self.metrics.track_in_flight(1, count)
 
     def _release(self, count: int) -> None:
         self.images_in_flight -= count
-        self.metrics.images_in_flight.set(self.images_in_flight)
+        self.metrics.track_in_flight(-1, -count)
 
     async def embed_images(self, items: Sequence[Item], request: SpanContext) -> Embeddings:
         """Embed every item concurrently, within the deadline; the results keep the input order.
@@ -167,7 +168,6 @@ class EmbeddingService:
         self._admit(len(items))
         timeline = RequestTimeline(self.metrics, "image", request)
         deadline = time.monotonic() + self.settings.request_timeout_s
-        self.metrics.requests_in_flight.inc()
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
             self.batcher.expect(len(items))
@@ -187,7 +187,6 @@ class EmbeddingService:
             ]
             timing = timeline.finish(self.tracer)
         finally:
-            self.metrics.requests_in_flight.dec()
             self._release(len(items))
         exemplar = exemplar_for(request)
         for result in results:
@@ -207,7 +206,7 @@ class EmbeddingService:
     async def embed_texts(self, texts: Sequence[str], request: SpanContext) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the CPU pool, then the model thread."""
         timeline = RequestTimeline(self.metrics, "text", request)
-        self.metrics.requests_in_flight.inc()
+        self.metrics.track_in_flight(1, 0)
         try:
             tokenize = timeline.enter(0, "preprocess", f"{len(texts)} texts")
             tokens = await self._on_cpu(tokenize, self.model.tokenize, texts)
@@ -215,7 +214,7 @@ class EmbeddingService:
             vectors = await self.batcher.embed_texts(tokens, timings, request)
             timing = timeline.finish(self.tracer)
         finally:
-            self.metrics.requests_in_flight.dec()
+            self.metrics.track_in_flight(-1, 0)
         self.metrics.texts_total.inc(len(texts))
         counts = (tokens != 0).sum(dim=1).tolist()
         results = [ItemResult(i, text, vectors[i], tokens=int(counts[i])) for i, text in enumerate(texts)]

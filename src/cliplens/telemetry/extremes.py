@@ -3,8 +3,9 @@
 A histogram keeps bucket counts, a sum and a count, so its min and max are only known to a bucket's
 width. This collector keeps, for each series, the exact min and max of the observations made in
 the last `window_s` seconds (in one-second slots), and exports them as two gauges,
-`<base>_min_seconds` and `<base>_max_seconds`. A series with no observation in the window exports
-nothing, rather than a stale value or NaN.
+`<base>_min_seconds` and `<base>_max_seconds` (unit-less families, such as the number of requests in
+flight, drop the unit). A series with no observation in the window exports nothing, rather than a
+stale value or NaN.
 
 Why a sliding window: every observation stays visible for `window_s` seconds, so any scraper
 whose interval is shorter than the window sees it at least once, and nothing is reset by a scrape
@@ -51,13 +52,15 @@ class WindowedExtremes(Collector):
     def __init__(self, window_s: float, clock: Clock = time.monotonic) -> None:
         self.window_s = max(1, math.ceil(window_s))
         self._clock = clock
-        self._families: dict[str, tuple[str, tuple[str, ...]]] = {}
+        self._families: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self._series: dict[tuple[str, tuple[str, ...]], _Series] = {}
         self._lock = threading.Lock()
 
-    def family(self, base: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
-        """Declare `<base>_min_seconds` and `<base>_max_seconds` with these labels."""
-        self._families[base] = (documentation, tuple(labelnames))
+    def family(
+        self, base: str, documentation: str, labelnames: Sequence[str] = (), unit: str = "seconds"
+    ) -> None:
+        """Declare `<base>_min_<unit>` and `<base>_max_<unit>` (`<base>_min` / `_max` without a unit)."""
+        self._families[base] = (documentation, tuple(labelnames), f"_{unit}" if unit else "")
 
     def observe(self, base: str, value: float, *labelvalues: str) -> None:
         slot = math.floor(self._clock())
@@ -74,13 +77,13 @@ class WindowedExtremes(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         oldest = math.floor(self._clock()) - self.window_s + 1
         with self._lock:
-            for base, (documentation, labelnames) in self._families.items():
+            for base, (documentation, labelnames, suffix) in self._families.items():
                 window = f" over the last {self.window_s} s (exact)"
                 low = GaugeMetricFamily(
-                    f"{base}_min_seconds", f"Minimum of {documentation}{window}", labels=labelnames
+                    f"{base}_min{suffix}", f"Minimum of {documentation}{window}", labels=labelnames
                 )
                 high = GaugeMetricFamily(
-                    f"{base}_max_seconds", f"Maximum of {documentation}{window}", labels=labelnames
+                    f"{base}_max{suffix}", f"Maximum of {documentation}{window}", labels=labelnames
                 )
                 for (name, labelvalues), series in self._series.items():
                     if name != base:

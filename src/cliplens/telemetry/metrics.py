@@ -20,7 +20,9 @@ exemplar, so a point on a Grafana panel opens the trace that produced it.
 
 Each of these four families also has exact `_min_seconds` / `_max_seconds` gauges over a sliding
 window (`cliplens_image_stage_min_seconds{stage}`, ...; see telemetry/extremes.py), fed by the
-same `observe_*` call, so histogram and extremes can never disagree.
+same `observe_*` call, so histogram and extremes can never disagree. The in-flight gauges, which a
+scrape only samples, have exact window extremes too (`cliplens_requests_in_flight_max`: the peak
+concurrency between scrapes).
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ class Metrics:
         self.extremes.family("cliplens_image_stage", "per-image stage work", ["stage"])
         self.extremes.family("cliplens_stage_queue", "per-image stage wait", ["stage"])
         self.extremes.family("cliplens_request", "whole-request time", ["modality"])
+        self.extremes.family("cliplens_requests_in_flight", "requests in flight", unit="")
+        self.extremes.family("cliplens_images_in_flight", "images in flight", unit="")
         reg.register(self.extremes)
+        self._in_flight = (0, 0)
         self.request_stage_seconds = Histogram(
             "cliplens_request_stage_seconds",
             "Per request: wall time the request had images in each stage (waiting or working).",
@@ -134,6 +139,11 @@ class Metrics:
             "Images admitted and not finished; admission control refuses requests beyond its bound.",
             registry=reg,
         )
+        self.images_in_flight_limit = Gauge(
+            "cliplens_images_in_flight_limit",
+            "The admission bound on images in flight (CLIPLENS_MAX_IMAGES_IN_FLIGHT).",
+            registry=reg,
+        )
         self.rejected_requests_total = Counter(
             "cliplens_rejected_requests_total",
             "Requests refused before any work, by reason: overloaded (429), shutting_down (503).",
@@ -171,6 +181,14 @@ class Metrics:
     def observe_request(self, modality: str, seconds: float, exemplar: Exemplar) -> None:
         self.request_seconds.labels(modality).observe(seconds, exemplar)
         self.extremes.observe("cliplens_request", seconds, modality)
+
+    def track_in_flight(self, requests: int, images: int) -> None:
+        """Change the in-flight gauges by these deltas; their exact window extremes follow."""
+        self._in_flight = (self._in_flight[0] + requests, self._in_flight[1] + images)
+        self.requests_in_flight.set(self._in_flight[0])
+        self.images_in_flight.set(self._in_flight[1])
+        self.extremes.observe("cliplens_requests_in_flight", self._in_flight[0])
+        self.extremes.observe("cliplens_images_in_flight", self._in_flight[1])
 
     def _initialise_series(self) -> None:
         """Create every bounded label combination at zero, so rates exist before the first error."""

@@ -1,0 +1,727 @@
+"""Writes grafana/dashboards/cliplens-stage-latency.json, the "cliplens — stage latency" dashboard.
+
+The dashboard repeats one pattern (min, mean, p50, p95, p99, max) over three scopes (per request,
+per image work, per image wait), so it is generated here rather than edited by hand; the JSON is
+committed next to this file and tests/unit/test_observability_files.py fails when the two differ.
+Standard library only:
+
+    python grafana/generate_dashboard.py          # rewrite the JSON
+    python grafana/generate_dashboard.py --check  # exit 1 if the committed JSON is stale
+
+Every query aggregates across instances (replicas) correctly: sums of rates, means from the summed
+`_sum` and `_count`, quantiles from the bucket rates summed by `le`, the minimum of the windowed
+minima and the maximum of the windowed maxima (exact; see src/cliplens/telemetry/extremes.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+
+OUTPUT = Path(__file__).parent / "dashboards" / "cliplens-stage-latency.json"
+PROMETHEUS: Json = {"type": "prometheus", "uid": "cliplens-prometheus"}
+JAEGER_UI = "http://localhost:16686"
+STAGES = ("load", "decode", "preprocess", "embed")
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+INSTANCE = 'instance=~"$instance"'
+OK = 'outcome="ok",'
+FAILED = 'outcome!="ok",'
+
+
+def rate(metric: str, match: str = "") -> str:
+    """`rate(metric{match,instance=~"$instance"}[$__rate_interval])`."""
+    return f"rate({metric}{{{match}{INSTANCE}}}[$__rate_interval])"
+
+
+def increase(metric: str, match: str = "") -> str:
+    """`increase(metric{match,instance=~"$instance"}[$__range])`."""
+    return f"increase({metric}{{{match}{INSTANCE}}}[$__range])"
+
+
+class Scope:
+    """One family of the metric contract: `<base>_seconds` histogram + `<base>_{min,max}_seconds` gauges."""
+
+    def __init__(self, base: str, label: str, variable: str | None = None) -> None:
+        self.base = base
+        self.label = label
+        self.filter = f'{label}=~"{variable}",{INSTANCE}' if variable else INSTANCE
+
+    def series(self, suffix: str) -> str:
+        return f"{self.base}{suffix}{{{self.filter}}}"
+
+    def minimum(self) -> str:
+        return f"min by ({self.label}) ({self.series('_min_seconds')})"
+
+    def maximum(self) -> str:
+        return f"max by ({self.label}) ({self.series('_max_seconds')})"
+
+    def mean(self) -> str:
+        by = f"sum by ({self.label})"
+        return (
+            f"{by} (rate({self.series('_seconds_sum')}[$__rate_interval]))"
+            f" / {by} (rate({self.series('_seconds_count')}[$__rate_interval]))"
+        )
+
+    def quantile(self, q: float) -> str:
+        return (
+            f"histogram_quantile({q}, sum by ({self.label}, le) "
+            f"(rate({self.series('_seconds_bucket')}[$__rate_interval])))"
+        )
+
+    def range_minimum(self) -> str:
+        return f"min by ({self.label}) (min_over_time({self.series('_min_seconds')}[$__range]))"
+
+    def range_maximum(self) -> str:
+        return f"max by ({self.label}) (max_over_time({self.series('_max_seconds')}[$__range]))"
+
+    def range_count(self) -> str:
+        return f"sum by ({self.label}) (increase({self.series('_seconds_count')}[$__range]))"
+
+    def range_mean(self) -> str:
+        by = f"sum by ({self.label})"
+        return (
+            f"{by} (increase({self.series('_seconds_sum')}[$__range]))"
+            f" / {by} (increase({self.series('_seconds_count')}[$__range]))"
+        )
+
+    def range_quantile(self, q: float) -> str:
+        return (
+            f"histogram_quantile({q}, sum by ({self.label}, le) "
+            f"(increase({self.series('_seconds_bucket')}[$__range])))"
+        )
+
+
+REQUEST_STAGE = Scope("cliplens_request_stage", "stage", "$stage")
+IMAGE_WORK = Scope("cliplens_image_stage", "stage", "$work_stage")
+IMAGE_WAIT = Scope("cliplens_stage_queue", "stage", "$stage")
+WHOLE_REQUEST = Scope("cliplens_request", "modality")
+
+
+def target(ref: str, expr: str, legend: str = "", exemplar: bool = False) -> Json:
+    return {
+        "refId": ref,
+        "datasource": PROMETHEUS,
+        "editorMode": "code",
+        "expr": expr,
+        "legendFormat": legend or "__auto",
+        "range": True,
+        "instant": False,
+        "exemplar": exemplar,
+    }
+
+
+def instant(ref: str, expr: str, legend: str = "") -> Json:
+    return {
+        "refId": ref,
+        "datasource": PROMETHEUS,
+        "editorMode": "code",
+        "expr": expr,
+        "legendFormat": legend or "__auto",
+        "format": "table",
+        "range": False,
+        "instant": True,
+        "exemplar": False,
+    }
+
+
+def refs() -> list[str]:
+    return [chr(ord("A") + i) for i in range(26)]
+
+
+DASHED_EXTREMES: Json = {
+    "matcher": {"id": "byRegexp", "options": ".*\\b(min|max)$"},
+    "properties": [
+        {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+        {"id": "custom.lineWidth", "value": 2},
+    ],
+}
+
+
+def timeseries(
+    title: str,
+    description: str,
+    targets: list[Json],
+    unit: str = "s",
+    width: int = 12,
+    height: int = 8,
+    repeat: str | None = None,
+    max_per_row: int = 4,
+    overrides: list[Json] | None = None,
+) -> Json:
+    panel: Json = {
+        "type": "timeseries",
+        "title": title,
+        "description": description,
+        "datasource": PROMETHEUS,
+        "gridPos": {"w": width, "h": height},
+        "targets": targets,
+        "fieldConfig": {
+            "defaults": {
+                "unit": unit,
+                "min": 0,
+                "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 0, "showPoints": "never"},
+            },
+            "overrides": overrides if overrides is not None else [DASHED_EXTREMES],
+        },
+        "options": {
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["min", "mean", "max"]},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+    }
+    if repeat:
+        panel["repeat"] = repeat
+        panel["repeatDirection"] = "h"
+        panel["maxPerRow"] = max_per_row
+    return panel
+
+
+def stats_over_time(scope: Scope, title: str, description: str, width: int, repeat: str) -> Json:
+    """min / mean / p50 / p95 / p99 / max of one scope as they move (one panel per stage)."""
+    legend = "{{" + scope.label + "}}"
+    letters = refs()
+    targets = [
+        target(letters[0], scope.minimum(), f"{legend} min"),
+        target(letters[1], scope.mean(), f"{legend} mean"),
+    ]
+    for i, (name, q) in enumerate(QUANTILES):
+        targets.append(target(letters[2 + i], scope.quantile(q), f"{legend} {name}", exemplar=name == "p95"))
+    targets.append(target(letters[5], scope.maximum(), f"{legend} max"))
+    return timeseries(title, description, targets, width=width, repeat=repeat)
+
+
+def stats_over_range(scope: Scope, title: str, description: str, width: int = 24) -> Json:
+    """One row per stage (or modality): observations, min, mean, p50, p95, p99, max over the range."""
+    columns = [
+        ("observations", scope.range_count()),
+        ("min", scope.range_minimum()),
+        ("mean", scope.range_mean()),
+        *((name, scope.range_quantile(q)) for name, q in QUANTILES),
+        ("max", scope.range_maximum()),
+    ]
+    letters = refs()
+    targets = [instant(letters[i], expr) for i, (_, expr) in enumerate(columns)]
+    rename = {f"Value #{letters[i]}": name for i, (name, _) in enumerate(columns)}
+    order = {scope.label: 0, **{name: i + 1 for i, (name, _) in enumerate(columns)}}
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": PROMETHEUS,
+        "gridPos": {"w": width, "h": 6},
+        "targets": targets,
+        "transformations": [
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {"excludeByName": {"Time": True}, "renameByName": rename, "indexByName": order},
+            },
+        ],
+        "fieldConfig": {
+            "defaults": {"unit": "s", "decimals": 4},
+            "overrides": [
+                {
+                    "matcher": {"id": "byName", "options": "observations"},
+                    "properties": [{"id": "unit", "value": "short"}, {"id": "decimals", "value": 0}],
+                }
+            ],
+        },
+        "options": {"showHeader": True, "cellHeight": "sm"},
+    }
+
+
+def row(title: str) -> Json:
+    return {"type": "row", "title": title, "collapsed": False, "panels": [], "gridPos": {"w": 24, "h": 1}}
+
+
+def load_row() -> list[Json]:
+    images_per_request = "cliplens_request_images"
+    return [
+        row("Load: concurrency, throughput and errors"),
+        timeseries(
+            "Requests in flight (the concurrency level)",
+            "Embeddings requests being served, sampled at each scrape: the x axis of every latency "
+            "panel below. Sum over the selected instances, and each instance.",
+            [
+                target("A", f"sum(cliplens_requests_in_flight{{{INSTANCE}}})", "all selected instances"),
+                target("B", f"cliplens_requests_in_flight{{{INSTANCE}}}", "{{instance}}"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Throughput",
+            "Images finished per second (any outcome), requests per second by modality, texts per second.",
+            [
+                target("A", f"sum({rate('cliplens_images_total')})", "images/s"),
+                target(
+                    "B",
+                    f"sum by (modality) ({rate('cliplens_request_seconds_count')})",
+                    "{{modality}} requests/s",
+                ),
+                target("C", f"sum({rate('cliplens_texts_total')})", "texts/s"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Images per request",
+            "Mean and quantiles of the number of images in one embeddings request.",
+            [
+                target(
+                    "A",
+                    f"sum({rate(images_per_request + '_sum')}) / sum({rate(images_per_request + '_count')})",
+                    "mean",
+                ),
+                target(
+                    "B",
+                    f"histogram_quantile(0.5, sum by (le) ({rate(images_per_request + '_bucket')}))",
+                    "p50",
+                ),
+                target(
+                    "C",
+                    f"histogram_quantile(0.95, sum by (le) ({rate(images_per_request + '_bucket')}))",
+                    "p95",
+                ),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Failed images per second, by error code",
+            "not_found, forbidden, invalid_reference, too_large, unsupported_format and decode_failed "
+            "are the caller's; storage_unavailable and timeout are the service's or its storage's.",
+            [
+                target(
+                    "A",
+                    f"sum by (outcome) ({rate('cliplens_images_total', FAILED)})",
+                    "{{outcome}}",
+                )
+            ],
+            unit="short",
+            width=12,
+            overrides=[],
+        ),
+        {
+            "type": "stat",
+            "title": "Over the selected range",
+            "description": "Requests and images counted over the dashboard's time range (increase of the "
+            "counters, so approximate at the edges of the range).",
+            "datasource": PROMETHEUS,
+            "gridPos": {"w": 6, "h": 8},
+            "targets": [
+                instant("A", f"sum({increase('cliplens_request_seconds_count')})", "requests"),
+                instant("B", f"sum({increase('cliplens_images_total', OK)})", "images ok"),
+                instant("C", f"sum({increase('cliplens_images_total', FAILED)})", "images failed"),
+            ],
+            "fieldConfig": {"defaults": {"unit": "short", "decimals": 0}, "overrides": []},
+            "options": {
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "orientation": "horizontal",
+                "textMode": "value_and_name",
+                "colorMode": "none",
+                "graphMode": "none",
+            },
+        },
+        {
+            "type": "bargauge",
+            "title": "Failed images by error code, over the selected range",
+            "description": "Item errors by code (the `outcome` label of cliplens_images_total).",
+            "datasource": PROMETHEUS,
+            "gridPos": {"w": 6, "h": 8},
+            "targets": [
+                instant(
+                    "A",
+                    f"sort_desc(sum by (outcome) ({increase('cliplens_images_total', FAILED)}))",
+                    "{{outcome}}",
+                )
+            ],
+            "fieldConfig": {"defaults": {"unit": "short", "decimals": 0, "min": 0}, "overrides": []},
+            "options": {
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "orientation": "horizontal",
+                "displayMode": "basic",
+            },
+        },
+    ]
+
+
+def request_rows() -> list[Json]:
+    return [
+        row(
+            "Per request: how long each stage held the request (first image in to last out, "
+            "waiting or working)"
+        ),
+        stats_over_range(
+            REQUEST_STAGE,
+            "Per request, over the selected range",
+            "For each stage, the wall time a request had images in it (cliplens_request_stage_seconds, "
+            "the Server-Timing numbers). min and max are exact (windowed gauges, min_over_time / "
+            "max_over_time over the range); mean is increase(_sum) / increase(_count); p50-p99 come "
+            "from the histogram buckets (to a bucket's width, x1.5). Stages overlap because images stream.",
+        ),
+        stats_over_time(
+            REQUEST_STAGE,
+            "Per request · $stage",
+            "min and max: exact, over the service's sliding window (CLIPLENS_EXTREMES_WINDOW_S, 15 s by "
+            "default) ending at each point. mean and quantiles: over $__rate_interval. Dots are "
+            "exemplars: click one to open its trace.",
+            width=6,
+            repeat="stage",
+        ),
+        stats_over_time(
+            WHOLE_REQUEST,
+            "Whole request, by modality",
+            "cliplens_request_seconds: from parsed body to response (the Server-Timing `total`).",
+            width=12,
+            repeat="",
+        ),
+        stats_over_range(
+            WHOLE_REQUEST,
+            "Whole request, over the selected range",
+            "Exact min and max, mean from _sum/_count and histogram quantiles, by modality.",
+            width=12,
+        ),
+    ]
+
+
+def image_rows() -> list[Json]:
+    wait_vs_work = [
+        target(
+            "A",
+            f"sum by (stage) (rate({IMAGE_WAIT.series('_seconds_sum')}[$__rate_interval]))"
+            f" / sum by (stage) (rate({IMAGE_WAIT.series('_seconds_count')}[$__rate_interval]))",
+            "{{stage}} wait",
+        ),
+        target(
+            "B",
+            f"sum by (stage) (rate({IMAGE_WORK.series('_seconds_sum')}[$__rate_interval]))"
+            f" / sum by (stage) (rate({IMAGE_WORK.series('_seconds_count')}[$__rate_interval]))",
+            "{{stage}} work",
+        ),
+    ]
+    return [
+        row("Per image: the work of each stage (one download, one decode, one preprocess)"),
+        stats_over_range(
+            IMAGE_WORK,
+            "Per image work, over the selected range",
+            "cliplens_image_stage_seconds: from the moment a worker picked the image up to the moment it "
+            "finished, without the wait before. `embed` has no per-image work: images are embedded in "
+            "shared batches (see Model batches).",
+        ),
+        stats_over_time(
+            IMAGE_WORK,
+            "Per image work · $work_stage",
+            "Exact windowed min / max, mean over $__rate_interval, histogram quantiles; dots are exemplars.",
+            width=8,
+            repeat="work_stage",
+        ),
+        row("Per image: the wait before each stage (download slot, CPU worker, model batch)"),
+        stats_over_range(
+            IMAGE_WAIT,
+            "Per image queue wait, over the selected range",
+            "cliplens_stage_queue_seconds: time an image waited for a download slot (load), a CPU "
+            "worker (decode, preprocess) or a model batch (embed).",
+        ),
+        stats_over_time(
+            IMAGE_WAIT,
+            "Per image wait · $stage",
+            "Exact windowed min / max, mean over $__rate_interval, histogram quantiles; dots are exemplars.",
+            width=6,
+            repeat="stage",
+        ),
+        timeseries(
+            "Queue wait vs work, mean per image",
+            "Where an image's time goes as concurrency grows: waiting (dashed when it dominates, the stage "
+            "is saturated) or working.",
+            wait_vs_work,
+            width=24,
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": ".* wait$"},
+                    "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}],
+                }
+            ],
+        ),
+    ]
+
+
+def batch_rows() -> list[Json]:
+    return [
+        row("Model batches (one forward pass embeds images from many requests)"),
+        timeseries(
+            "Batch size",
+            "Items per model forward pass: mean and p95, by modality.",
+            [
+                target(
+                    "A",
+                    f"sum by (modality) ({rate('cliplens_embed_batch_size_sum')})"
+                    f" / sum by (modality) ({rate('cliplens_embed_batch_size_count')})",
+                    "{{modality}} mean",
+                ),
+                target(
+                    "B",
+                    f"histogram_quantile(0.95, sum by (modality, le) "
+                    f"({rate('cliplens_embed_batch_size_bucket')}))",
+                    "{{modality}} p95",
+                ),
+            ],
+            unit="short",
+            width=9,
+            overrides=[],
+        ),
+        timeseries(
+            "Forward pass duration",
+            "One model forward pass, including the copy to and from the device; dots are exemplars "
+            "(the `embed batch` spans).",
+            [
+                target(
+                    "A",
+                    f"sum by (modality) ({rate('cliplens_embed_batch_seconds_sum')})"
+                    f" / sum by (modality) ({rate('cliplens_embed_batch_seconds_count')})",
+                    "{{modality}} mean",
+                ),
+                target(
+                    "B",
+                    f"histogram_quantile(0.95, sum by (modality, le) "
+                    f"({rate('cliplens_embed_batch_seconds_bucket')}))",
+                    "{{modality}} p95",
+                    exemplar=True,
+                ),
+            ],
+            width=9,
+            overrides=[],
+        ),
+        {
+            "type": "table",
+            "title": "Served model",
+            "description": "cliplens_model_info: the model, device and dtype of each instance.",
+            "datasource": PROMETHEUS,
+            "gridPos": {"w": 6, "h": 8},
+            "targets": [instant("A", f"cliplens_model_info{{{INSTANCE}}}")],
+            "transformations": [
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "Value": True, "__name__": True, "job": True},
+                        "indexByName": {
+                            "instance": 0,
+                            "model": 1,
+                            "device": 2,
+                            "dtype": 3,
+                            "random_weights": 4,
+                        },
+                    },
+                }
+            ],
+            "fieldConfig": {"defaults": {}, "overrides": []},
+            "options": {"showHeader": True, "cellHeight": "sm"},
+        },
+    ]
+
+
+def recorded_rows() -> list[Json]:
+    def recorded(ref: str, name: str, legend: str, stage: str = "") -> Json:
+        return target(ref, f'{name}{{stage=~"{stage}"}}' if stage else name, legend)
+
+    request_stage = "job_stage:cliplens_request_stage_seconds"
+    return [
+        row("Recorded rules and alert thresholds (observability/rules; all instances of the job)"),
+        timeseries(
+            "p95 per image work (5m) vs objective",
+            "What CliplensStageP95OverObjective compares: job_stage:cliplens_image_stage_seconds:p95_5m "
+            "against cliplens:image_stage_p95_objective_seconds.",
+            [
+                recorded(
+                    "A", "job_stage:cliplens_image_stage_seconds:p95_5m", "{{stage}} p95", "$work_stage"
+                ),
+                recorded(
+                    "B", "cliplens:image_stage_p95_objective_seconds", "{{stage}} objective", "$work_stage"
+                ),
+            ],
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "p95 queue wait (5m) vs objective",
+            "What CliplensStageQueueP95OverObjective compares.",
+            [
+                recorded("A", "job_stage:cliplens_stage_queue_seconds:p95_5m", "{{stage}} p95", "$stage"),
+                recorded("B", "cliplens:stage_queue_p95_objective_seconds", "{{stage}} objective", "$stage"),
+            ],
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Per request stage time, recorded over 1m",
+            f"{request_stage}:{{min1m,mean1m,p95_1m,max1m}}.",
+            [
+                recorded("A", f"{request_stage}:min1m", "{{stage}} min", "$stage"),
+                recorded("B", f"{request_stage}:mean1m", "{{stage}} mean", "$stage"),
+                recorded("C", f"{request_stage}:p95_1m", "{{stage}} p95", "$stage"),
+                recorded("D", f"{request_stage}:max1m", "{{stage}} max", "$stage"),
+            ],
+            width=8,
+        ),
+        timeseries(
+            "Failed images ratio (5m) vs objective",
+            "What CliplensImageErrorRatioHigh compares.",
+            [
+                recorded("A", "job:cliplens_image_errors:ratio_rate5m", "failed / all images"),
+                recorded("B", "cliplens:image_error_ratio_objective", "objective"),
+            ],
+            unit="percentunit",
+            width=12,
+            overrides=[],
+        ),
+        timeseries(
+            "Requests in flight vs planned limit",
+            "What CliplensRequestsInFlightSaturated compares (sum over the job's instances).",
+            [
+                recorded("A", "job:cliplens_requests_in_flight:sum", "in flight"),
+                recorded("B", "cliplens:requests_in_flight_limit", "limit"),
+            ],
+            unit="short",
+            width=12,
+            overrides=[],
+        ),
+    ]
+
+
+def variables() -> list[Json]:
+    all_current = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    return [
+        {
+            "type": "query",
+            "name": "instance",
+            "label": "instance",
+            "description": "Service instances (replicas) scraped by Prometheus.",
+            "datasource": PROMETHEUS,
+            "query": "label_values(cliplens_model_info, instance)",
+            "definition": "label_values(cliplens_model_info, instance)",
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": all_current,
+            "options": [],
+            "sort": 1,
+            "hide": 0,
+        },
+        {
+            "type": "custom",
+            "name": "stage",
+            "label": "stage",
+            "description": "Pipeline stages, in the order an image goes through them.",
+            "query": ",".join(STAGES),
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": all_current,
+            "options": [{"selected": False, "text": "All", "value": "$__all"}]
+            + [{"selected": False, "text": stage, "value": stage} for stage in STAGES],
+            "hide": 0,
+        },
+        {
+            "type": "query",
+            "name": "work_stage",
+            "label": "stage with per-image work",
+            "description": "The selected stages with per-image work (all but embed), for the work panels.",
+            "datasource": PROMETHEUS,
+            "query": 'label_values(cliplens_image_stage_seconds_count{stage=~"$stage"}, stage)',
+            "definition": 'label_values(cliplens_image_stage_seconds_count{stage=~"$stage"}, stage)',
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": all_current,
+            "options": [],
+            "sort": 0,
+            "hide": 2,
+        },
+    ]
+
+
+def layout(panels: list[Json]) -> list[Json]:
+    """Give each panel an id and a grid position, filling lines of 24 columns left to right.
+
+    A row, and a repeated panel (whose copies fill the line), starts a new line and ends it.
+    """
+    x = y = line_height = 0
+    for panel_id, panel in enumerate(panels, start=1):
+        panel["id"] = panel_id
+        grid = panel["gridPos"]
+        whole_line = panel["type"] == "row" or "repeat" in panel
+        if whole_line or x + grid["w"] > 24:
+            y += line_height
+            x = line_height = 0
+        grid["x"], grid["y"] = x, y
+        x += grid["w"]
+        line_height = max(line_height, grid["h"])
+        if whole_line:
+            y += line_height
+            x = line_height = 0
+    return panels
+
+
+def dashboard() -> Json:
+    panels = layout([*load_row(), *request_rows(), *image_rows(), *batch_rows(), *recorded_rows()])
+    return {
+        "uid": "cliplens-stage-latency",
+        "title": "cliplens — stage latency",
+        "description": "Per stage (load, decode, preprocess, embed): exact min and max, mean, p50, p95 and "
+        "p99, per request and per image, as concurrency grows; exemplars link to Jaeger traces.",
+        "tags": ["cliplens", "latency"],
+        "timezone": "browser",
+        "editable": False,
+        "graphTooltip": 1,
+        "refresh": "5s",
+        "time": {"from": "now-15m", "to": "now"},
+        "timepicker": {"refresh_intervals": ["5s", "10s", "30s", "1m", "5m"]},
+        "schemaVersion": 39,
+        "version": 1,
+        "links": [
+            {
+                "type": "link",
+                "title": "Jaeger: cliplens traces",
+                "url": f"{JAEGER_UI}/search?service=cliplens",
+                "targetBlank": True,
+                "icon": "external link",
+            },
+            {
+                "type": "link",
+                "title": "Jaeger: Monitor (SPM)",
+                "url": f"{JAEGER_UI}/monitor",
+                "targetBlank": True,
+                "icon": "external link",
+            },
+        ],
+        "annotations": {"list": []},
+        "templating": {"list": variables()},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not OUTPUT.exists() or OUTPUT.read_text(encoding="utf-8") != text:
+            sys.stderr.write(f"{OUTPUT} is stale: run python grafana/generate_dashboard.py\n")
+            return 1
+        return 0
+    OUTPUT.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

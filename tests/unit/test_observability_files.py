@@ -1,0 +1,403 @@
+"""Static checks of the observability stack's files: compose, Dockerfile, Prometheus, Jaeger, Grafana.
+
+No container runs here (CI has no Docker engine): the compose files go through a real Compose
+parser (`docker compose config`, or the standalone `docker-compose` where the plugin is missing),
+the Prometheus files through `promtool`, and the rest is read and cross-checked: every mounted
+file exists, every referenced data source is provisioned, every port and host name one file names
+is the one the other serves.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from cliplens.telemetry.metrics import Metrics
+from cliplens.telemetry.stages import exemplar_for
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+OVERRIDES = {
+    "gpu": (ROOT / "docker-compose.gpu.yml", {}),
+    "gcs": (
+        ROOT / "docker-compose.gcs.yml",
+        {"CLIPLENS_DEFAULT_BUCKET": "my-photos", "GOOGLE_APPLICATION_CREDENTIALS": "/keys/cliplens.json"},
+    ),
+}
+OBSERVABILITY = ROOT / "observability"
+GRAFANA = ROOT / "grafana"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(load_yaml(COMPOSE))
+
+
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return dict(compose["services"])
+
+
+def one_shot(service: dict[str, Any]) -> bool:
+    return str(service.get("restart", "")) == "no"
+
+
+def volume_mounts(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(source, container path) of each short-syntax volume of a service."""
+    for volume in service.get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        yield source, target
+
+
+def compose_command() -> list[str]:
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    standalone = shutil.which("docker-compose")
+    if standalone:
+        return [standalone]
+    pytest.fail(
+        "neither `docker compose` nor `docker-compose` is installed: install Debian's "
+        "`docker-compose` package (scripts/test does it when run as root)"
+    )
+
+
+# ---- compose ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["base", *OVERRIDES])
+def test_a_compose_cli_accepts_the_files(variant: str) -> None:
+    files = ["-f", str(COMPOSE)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "GOOGLE_", "PHOTO_"))}
+    if variant != "base":
+        override, variables = OVERRIDES[variant]
+        files += ["-f", str(override)]
+        env.update(variables)
+    result = subprocess.run(
+        [*compose_command(), *files, "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_images_are_pinned_and_long_running_services_have_health_checks(compose: dict[str, Any]) -> None:
+    for name, service in services(compose).items():
+        image = service.get("image", "")
+        assert image or "build" in service, name
+        if "build" not in service:
+            repository, _, tag = image.rpartition(":")
+            assert repository and tag and tag != "latest", f"{name}: pin {image}"
+        if not one_shot(service):
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+
+
+def test_expected_services_and_images(compose: dict[str, Any]) -> None:
+    found = services(compose)
+    assert {"api", "gcs", "jaeger", "prometheus", "grafana", "photos"} <= set(found)
+    assert found["gcs"]["image"].startswith("fsouza/fake-gcs-server:")
+    assert found["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
+    assert found["prometheus"]["image"].startswith("prom/prometheus:")
+    assert found["grafana"]["image"].startswith("grafana/grafana:")
+
+
+def test_every_mounted_host_path_exists_and_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    used = set()
+    for name, service in services(compose).items():
+        for source, _ in volume_mounts(service):
+            if source.startswith((".", "/")):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in declared, f"{name} uses undeclared volume {source}"
+                used.add(source)
+    assert used == declared
+    for path, _ in OVERRIDES.values():
+        for name, service in load_yaml(path)["services"].items():
+            for source, _ in volume_mounts(service):
+                assert source.startswith("${") or (ROOT / source).exists(), f"{path.name}: {name} {source}"
+
+
+def test_api_builds_from_the_dockerfile_and_dependencies_wait_for_health(compose: dict[str, Any]) -> None:
+    found = services(compose)
+    build = found["api"]["build"]
+    assert build["context"] == "."
+    assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    assert found["photos"]["build"] == build, "the photo generator runs the service's own image"
+    for name, service in found.items():
+        for dependency, condition in (service.get("depends_on") or {}).items():
+            assert dependency in found, f"{name} depends on unknown {dependency}"
+            if condition["condition"] == "service_healthy":
+                assert found[dependency].get("healthcheck"), f"{name} waits on {dependency} without a check"
+            else:
+                assert condition["condition"] == "service_completed_successfully"
+                assert one_shot(found[dependency])
+
+
+def test_the_sample_photos_reach_the_fake_gcs_bucket(compose: dict[str, Any]) -> None:
+    found = services(compose)
+    photos_volume = dict(volume_mounts(found["photos"]))
+    gcs_volume = {source: target for source, target in volume_mounts(found["gcs"])}
+    assert photos_volume == {"photos": "/data"}
+    assert gcs_volume == {"photos": "/data"}
+    assert 'Path("/data/photos")' in found["photos"]["command"][0]
+    assert found["gcs"]["command"][found["gcs"]["command"].index("-data") + 1] == "/data"
+    environment = found["api"]["environment"]
+    assert environment["CLIPLENS_DEFAULT_BUCKET"] == "photos"
+    port = found["gcs"]["command"][found["gcs"]["command"].index("-port") + 1]
+    assert environment["STORAGE_EMULATOR_HOST"] == f"http://gcs:{port}"
+
+
+def test_the_gpu_variant_reserves_a_gpu_and_builds_cuda_torch() -> None:
+    api = load_yaml(OVERRIDES["gpu"][0])["services"]["api"]
+    devices = api["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert api["build"]["args"]["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    assert api["environment"]["CLIPLENS_DEVICE"] == "cuda"
+
+
+def test_dockerfile_is_pinned_cpu_by_default_non_root_and_health_checked() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM\s+(\S+)", dockerfile, re.MULTILINE)
+    assert base and ":" in base.group(1) and not base.group(1).endswith(":latest")
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", dockerfile, re.MULTILINE)
+    assert 'CMD ["cliplens", "serve", "--host", "0.0.0.0", "--port", "8000"]' in dockerfile
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert {"!pyproject.toml", "!README.md", "!src"} <= set(ignore)
+
+
+# ---- Prometheus -------------------------------------------------------------------------------
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    if binary is None:
+        pytest.fail("`promtool` is not on PATH: install Debian's `prometheus` package (scripts/test does it)")
+    return subprocess.run([binary, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_promtool_accepts_the_config_and_the_rules() -> None:
+    result = promtool("check", "config", "observability/prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rules = sorted(str(p.relative_to(ROOT)) for p in (OBSERVABILITY / "rules").glob("*.yml"))
+    result = promtool("check", "rules", *rules)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_rule_unit_tests_pass() -> None:
+    tests = sorted(str(p.relative_to(ROOT)) for p in (OBSERVABILITY / "tests").glob("*_test.yml"))
+    assert len(tests) >= 2
+    result = promtool("test", "rules", *tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_in_compose_runs_the_project_config_with_exemplars(compose: dict[str, Any]) -> None:
+    found = services(compose)
+    prometheus = found["prometheus"]
+    assert "--enable-feature=exemplar-storage" in prometheus["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert ("./observability", "/etc/prometheus") in set(volume_mounts(prometheus))
+    config = load_yaml(OBSERVABILITY / "prometheus.yml")
+    for rule_file in config["rule_files"]:
+        assert not Path(rule_file).is_absolute() and (OBSERVABILITY / rule_file).is_file()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["cliplens"]["static_configs"] == [{"targets": ["api:8000"]}]
+    assert "8000:8000" in found["api"]["ports"]
+    jaeger_exporter = load_yaml(OBSERVABILITY / "jaeger.yaml")["exporters"]["prometheus"]["endpoint"]
+    assert jobs["jaeger-spanmetrics"]["static_configs"] == [
+        {"targets": [f"jaeger:{jaeger_exporter.rpartition(':')[2]}"]}
+    ]
+    scrape = config["global"]["scrape_interval"]
+    window = float(found["api"]["environment"]["CLIPLENS_EXTREMES_WINDOW_S"])
+    assert float(scrape.removesuffix("s")) * 2 <= window, "every min/max must be scraped at least once"
+
+
+def test_every_metric_the_dashboards_and_rules_read_is_exported_or_recorded() -> None:
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
+        exported |= {f"{family.name}_sum", f"{family.name}_count"}
+    recorded = {
+        rule["record"]
+        for path in (OBSERVABILITY / "rules").glob("*.yml")
+        for group in load_yaml(path)["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+    expressions = [
+        rule["expr"]
+        for path in (OBSERVABILITY / "rules").glob("*.yml")
+        for group in load_yaml(path)["groups"]
+        for rule in group["rules"]
+    ]
+    for path in DASHBOARDS:
+        expressions += [target["expr"] for _, target in targets(json.loads(path.read_text()))]
+    names = {name for expr in expressions for name in re.findall(r"[a-z_:]*cliplens[_:][a-z0-9_:]*", expr)}
+    assert len(names) > 30, names
+    unknown = sorted(name for name in names if name not in exported | recorded)
+    assert not unknown
+
+
+# ---- Jaeger -----------------------------------------------------------------------------------
+
+
+def test_jaeger_v2_wires_span_metrics_to_prometheus_and_back_for_the_monitor_tab(
+    compose: dict[str, Any],
+) -> None:
+    config = load_yaml(OBSERVABILITY / "jaeger.yaml")
+    pipelines = config["service"]["pipelines"]
+    assert {"otlp"} == set(pipelines["traces"]["receivers"])
+    assert {"jaeger_storage_exporter", "spanmetrics"} <= set(pipelines["traces"]["exporters"])
+    metrics = [p for name, p in pipelines.items() if name.startswith("metrics")]
+    assert any(p["receivers"] == ["spanmetrics"] and "prometheus" in p["exporters"] for p in metrics)
+    assert "spanmetrics" in config["connectors"]
+    query = config["extensions"]["jaeger_query"]
+    storage = config["extensions"]["jaeger_storage"]
+    assert set(config["service"]["extensions"]) >= {"jaeger_query", "jaeger_storage"}
+    assert query["storage"]["traces"] in storage["backends"]
+    backend = storage["metric_backends"][query["storage"]["metrics"]]["prometheus"]
+    assert backend["endpoint"] == "http://prometheus:9090"
+    assert "9090:9090" in services(compose)["prometheus"]["ports"]
+    assert config["exporters"]["jaeger_storage_exporter"]["trace_storage"] == query["storage"]["traces"]
+    jaeger = services(compose)["jaeger"]
+    mounts = {target: source for source, target in volume_mounts(jaeger)}
+    ui = mounts[query["ui"]["config_file"]]
+    assert json.loads((ROOT / ui).read_text())["monitor"]["menuEnabled"] is True
+    assert mounts[jaeger["command"][jaeger["command"].index("--config") + 1]] == "./observability/jaeger.yaml"
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["http"]["endpoint"] == "0.0.0.0:4318"
+    assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317"
+    environment = services(compose)["api"]["environment"]
+    assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+    assert environment["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+
+
+# ---- Grafana ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def datasources() -> dict[str, dict[str, Any]]:
+    provisioned = load_yaml(GRAFANA / "provisioning" / "datasources" / "datasources.yml")["datasources"]
+    return {source["uid"]: source for source in provisioned}
+
+
+def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def targets(dashboard: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def datasource_uids(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        source = node.get("datasource")
+        if isinstance(source, dict) and "uid" in source:
+            yield source["uid"]
+        for value in node.values():
+            yield from datasource_uids(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from datasource_uids(value)
+
+
+def test_grafana_mounts_provisioning_and_dashboards_where_the_provider_reads(compose: dict[str, Any]) -> None:
+    grafana = services(compose)["grafana"]
+    mounts = {target: source for source, target in volume_mounts(grafana)}
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    providers = load_yaml(GRAFANA / "provisioning" / "dashboards" / "dashboards.yml")["providers"]
+    assert [mounts[p["options"]["path"]] for p in providers] == ["./grafana/dashboards"]
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / "grafana" / "dashboards" / Path(home).name).is_file()
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+
+
+def test_prometheus_exemplars_link_to_the_jaeger_data_source_by_trace_id(
+    datasources: dict[str, dict[str, Any]], compose: dict[str, Any]
+) -> None:
+    prometheus = next(s for s in datasources.values() if s["type"] == "prometheus")
+    jaeger = next(s for s in datasources.values() if s["type"] == "jaeger")
+    assert prometheus["url"] == "http://prometheus:9090"
+    assert jaeger["url"] == "http://jaeger:16686"
+    assert "16686:16686" in services(compose)["jaeger"]["ports"]
+    scrape = load_yaml(OBSERVABILITY / "prometheus.yml")["global"]["scrape_interval"]
+    assert prometheus["jsonData"]["timeInterval"] == scrape
+    sampled = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    (label,) = (exemplar_for(sampled) or {}).keys()
+    destinations = prometheus["jsonData"]["exemplarTraceIdDestinations"]
+    assert {d["name"] for d in destinations} == {label}
+    assert any(d.get("datasourceUid") == jaeger["uid"] for d in destinations)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
+def test_dashboards_are_valid_with_unique_panel_ids_and_provisioned_datasources(
+    path: Path, datasources: dict[str, dict[str, Any]]
+) -> None:
+    dashboard = json.loads(path.read_text())
+    ids = [panel["id"] for panel in panels(dashboard)]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    assert set(datasource_uids(dashboard)) <= set(datasources)
+    for panel in panels(dashboard):
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        refs = [target["refId"] for target in panel.get("targets", [])]
+        assert len(refs) == len(set(refs)), panel["title"]
+        assert all(target["expr"].strip() for target in panel.get("targets", [])), panel["title"]
+
+
+def test_the_stage_latency_dashboard_has_what_the_issue_asks_for() -> None:
+    dashboard = json.loads((GRAFANA / "dashboards" / "cliplens-stage-latency.json").read_text())
+    assert dashboard["title"] == "cliplens — stage latency"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name in ("stage", "instance"):
+        assert variables[name]["multi"] and variables[name]["includeAll"], name
+    assert variables["stage"]["query"].split(",") == ["load", "decode", "preprocess", "embed"]
+    exprs = [target["expr"] for _, target in targets(dashboard)]
+    for family in (
+        "cliplens_request_stage",
+        "cliplens_image_stage",
+        "cliplens_stage_queue",
+        "cliplens_request",
+    ):
+        uses = [e for e in exprs if f"{family}_" in e and "job_" not in e]
+        assert any("min by" in e and f"{family}_min_seconds" in e for e in uses), family
+        assert any("max by" in e and f"{family}_max_seconds" in e for e in uses), family
+        for q in ("0.5", "0.95", "0.99"):
+            assert any(f"histogram_quantile({q}, sum by (" in e and ", le)" in e for e in uses), (family, q)
+        assert any(f"{family}_seconds_sum" in e and f"{family}_seconds_count" in e for e in uses), family
+    for expr in exprs:
+        if "cliplens_" in expr and not expr.startswith(("job", "cliplens:")):
+            assert 'instance=~"$instance"' in expr, expr
+        assert "avg(" not in expr and "avg by" not in expr, f"averages of averages are wrong: {expr}"
+    assert any(target.get("exemplar") for _, target in targets(dashboard))
+    latency = [p for p in panels(dashboard) if "stage_seconds" in json.dumps(p.get("targets", []))]
+    assert latency and all(p["fieldConfig"]["defaults"]["unit"] == "s" for p in latency)
+
+
+def test_the_committed_dashboard_is_what_the_generator_writes() -> None:
+    spec = importlib.util.spec_from_file_location("generate_dashboard", GRAFANA / "generate_dashboard.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run: python grafana/generate_dashboard.py"
