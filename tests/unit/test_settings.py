@@ -87,4 +87,6 @@ def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
 def test_an_emulator_host_without_the_explicit_opt_in_refuses_to_start() -> None:
     with pytest.raises(SettingsError, match="CLIPLENS_ALLOW_EMULATOR"):
         load_settings({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443"})
-    assert load_settings({"STORAGE_EMULATOR_HOST": "http://x:1", "CLIPLENS_ALLOW_EMULATOR": "1"}).allow_emulator
+    assert load_settings(
+        {"STORAGE_EMULATOR_HOST": "http://x:1", "CLIPLENS_ALLOW_EMULATOR": "1"}
+    ).allow_emulator

@@ -5,14 +5,23 @@ and sensor grain), encoded as a JPEG at phone sizes: 12 MP (4032x3024) and 2-3 M
 2048x1536), with an EXIF block like a camera's (make, model, orientation). The content has the
 spectrum of a natural image (smooth regions, edges, fine grain), which is what decode and resize
 cost depends on; the pixels mean nothing to CLIP, and need not.
+
+The mix of sizes is a parameter (`12mp=0.5,3mp=0.25,2mp=0.25`; any `WIDTHxHEIGHT` is a size class
+too, which is how the tests make a corpus of small photos), and a user's own folder of photos can
+stand in for the generated corpus (`collect`). Either way `describe` says what was measured.
 """
 
 from __future__ import annotations
 
 import io
+import multiprocessing
+import re
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,8 +39,18 @@ _EXIF_MAKE = 0x010F
 _EXIF_MODEL = 0x0110
 
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+"""Files `collect` takes from a user's folder (the formats the service decodes)."""
+
+_PARALLEL_PIXELS = 30_000_000
+"""Below this many pixels to render, starting worker processes costs more than it saves."""
+_DIMENSIONS = re.compile(r"^(\d+)x(\d+)$")
+
+
 @dataclass(frozen=True)
 class Photo:
+    """One photo of the corpus; `name` is its path relative to the corpus directory (POSIX)."""
+
     name: str
     size_class: str
     width: int
@@ -93,12 +112,43 @@ def encode_jpeg(image: Image.Image, quality: int = 90, orientation: int = 1) -> 
     return buffer.getvalue()
 
 
+def dimensions(size_class: str) -> tuple[int, int]:
+    """Width and height of a size class: a named phone size (`12mp`) or `WIDTHxHEIGHT`."""
+    if size_class in SIZES:
+        return SIZES[size_class]
+    match = _DIMENSIONS.match(size_class)
+    if match is None or int(match.group(1)) < 16 or int(match.group(2)) < 16:
+        raise ValueError(
+            f"unknown size class {size_class!r}; use one of {', '.join(SIZES)} or WIDTHxHEIGHT (>= 16x16)"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`12mp=0.5,3mp=0.25,2mp=0.25` (shares need not add up to 1) -> {"12mp": 0.5, ...}."""
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, share = part.strip().partition("=")
+        if not part.strip():
+            continue
+        try:
+            value = float(share) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"{part.strip()!r}: the share must be a number, as in 12mp=0.5") from None
+        if value < 0:
+            raise ValueError(f"{part.strip()!r}: a share cannot be negative")
+        dimensions(name.strip())
+        mix[name.strip()] = value
+    if not mix or sum(mix.values()) <= 0:
+        raise ValueError(f"{text!r} is not a mix; write e.g. 12mp=0.5,3mp=0.25,2mp=0.25")
+    return mix
+
+
 def plan(count: int, mix: dict[str, float] | None = None) -> list[str]:
     """The size class of each of `count` photos, in proportion to `mix`, interleaved."""
-    shares = mix or DEFAULT_MIX
-    unknown = set(shares) - set(SIZES)
-    if unknown:
-        raise ValueError(f"unknown size classes {sorted(unknown)}; known: {sorted(SIZES)}")
+    shares = {name: share for name, share in (mix or DEFAULT_MIX).items() if share > 0}
+    for name in shares:
+        dimensions(name)
     total = sum(shares.values())
     classes: list[str] = []
     credit = dict.fromkeys(shares, 0.0)
@@ -111,17 +161,90 @@ def plan(count: int, mix: dict[str, float] | None = None) -> list[str]:
     return classes
 
 
+def _write_photo(path: Path, size_class: str, seed: int) -> Photo:
+    """Render and write one photo (atomically: a crash never leaves half a JPEG under its name)."""
+    width, height = dimensions(size_class)
+    if not path.exists():
+        data = encode_jpeg(render_photo(seed, width, height))
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return Photo(path.name, size_class, width, height, path.stat().st_size)
+
+
 def generate(
-    directory: Path, count: int, mix: dict[str, float] | None = None, seed: int = 0
+    directory: Path,
+    count: int,
+    mix: dict[str, float] | None = None,
+    seed: int = 0,
+    workers: int = 1,
 ) -> Iterator[Photo]:
-    """Write `count` photos into `directory` (kept if already there), yielding each as it is ready."""
+    """Write `count` photos into `directory` (kept if already there), yielding each as it is ready.
+
+    A 12 MP photo takes about a second of one core to render, and threads do not help (the work
+    holds the GIL), so `workers` > 1 renders in that many spawned processes. Photos are yielded
+    in completion order; the same arguments always give the same files.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    for index, size_class in enumerate(plan(count, mix)):
-        width, height = SIZES[size_class]
-        path = directory / f"photo-{index:04d}-{size_class}.jpg"
-        if not path.exists():
-            data = encode_jpeg(render_photo(seed * 100_003 + index, width, height))
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        yield Photo(path.name, size_class, width, height, path.stat().st_size)
+    jobs = [
+        (directory / f"photo-{index:04d}-{size_class}.jpg", size_class, seed * 100_003 + index)
+        for index, size_class in enumerate(plan(count, mix))
+    ]
+    missing = [job for job in jobs if not job[0].exists()]
+    pixels = sum(dimensions(size_class)[0] * dimensions(size_class)[1] for _, size_class, _ in missing)
+    if workers <= 1 or len(missing) <= 1 or pixels < _PARALLEL_PIXELS:
+        for job in jobs:
+            yield _write_photo(*job)
+        return
+    for job in jobs:
+        if job[0].exists():
+            yield _write_photo(*job)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=context) as pool:
+        futures = [pool.submit(_write_photo, *job) for job in missing]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def collect(directory: Path) -> list[Photo]:
+    """The photos of a user's folder (recursively), sized from their headers, sorted by name.
+
+    The size class of a user's photo is its megapixel count rounded (`12mp`, `<1mp`), so that `describe`
+    gives the same kind of mix for a folder as for a generated corpus.
+    """
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    photos: list[Photo] = []
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.suffix.lower() not in PHOTO_SUFFIXES:
+            continue
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            continue
+        megapixels = round(width * height / 1e6)
+        size_class = f"{megapixels}mp" if megapixels else "<1mp"
+        name = path.relative_to(directory).as_posix()
+        photos.append(Photo(name, size_class, width, height, path.stat().st_size))
+    if not photos:
+        raise ValueError(f"{directory} holds no photos ({', '.join(PHOTO_SUFFIXES)})")
+    return photos
+
+
+def describe(
+    photos: list[Photo], source: str, directory: Path, mix: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """What the corpus is, for results.json: a later reader must know what the timings were of."""
+    classes = Counter(photo.size_class for photo in photos)
+    total = sum(photo.bytes for photo in photos)
+    return {
+        "source": source,
+        "directory": str(directory),
+        "count": len(photos),
+        "bytes": total,
+        "mean_bytes": total / len(photos) if photos else 0,
+        "mean_megapixels": sum(p.width * p.height for p in photos) / len(photos) / 1e6 if photos else 0,
+        "mix": mix if mix is not None else None,
+        "classes": dict(sorted(classes.items())),
+    }

@@ -1,25 +1,48 @@
 """The study's table: per scenario and stage, min / max / mean (and p50 / p95 / p99) of the timings.
 
-Every number is computed here from the raw per-request records, nothing else, so a test can
-recompute the table from the same records and get the same numbers.
+Every number is computed here from the raw per-request records, nothing else, with plain
+arithmetic a reader can redo by hand (or a test can redo in a few lines):
+
+- per image, each stage's time is the image's wait plus its work in that stage (`queue_ms +
+  work_ms` of the service's per-image timings); `load+decode` is the sum over both stages, the
+  time from asking for the photo to having its pixels (the stages follow each other without a
+  gap: the coroutine that ends the load enters the decode);
+- per request, each stage is the `Server-Timing` window (first image in to last image out);
+  `load+decode` is the longest per-image `load+decode` of the request, i.e. the time until the
+  request's last image was decoded, since all of a request's images enter `load` at its start;
+- min and max are the extremes, mean is the (exactly rounded) sum over the count, and pNN is the linear
+  interpolation between closest ranks (numpy's default, `statistics.quantiles(method="inclusive")`);
+- throughput is the images returned over the scenario's wall time, first request sent to last
+  response received, on the client's clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from cliplens.experiment.load import RequestRecord
+from cliplens.experiment.load import RequestRecord, Scenario
 
-REQUEST_STAGES = ("load", "decode", "preprocess", "embed", "total")
+IMAGE_STAGES = ("load", "decode", "preprocess", "embed")
+"""The service's stages, in the order an image goes through them."""
+COLUMNS = ("load", "decode", "load+decode", "preprocess", "embed", "total")
+"""The table's stage columns: the study's, plus the per-stage windows it did not split out."""
+REQUEST_SERIES = (*COLUMNS, "latency")
+"""Per-request series: the Server-Timing windows, load+decode, and the client's own latency."""
+MEASURES = ("time", "wait", "work")
+"""Per-image measures of one stage: wait + work, the wait for a worker, the work itself."""
 
 
 @dataclass(frozen=True)
 class Stats:
+    """Count, extremes, mean and percentiles of one series, in milliseconds."""
+
     count: int
     min: float
     max: float
@@ -29,55 +52,345 @@ class Stats:
     p99: float
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> Stats | None:
-        array = np.asarray(list(values), dtype=np.float64)
-        if array.size == 0:
+    def of(cls, values: Sequence[float]) -> Stats | None:
+        if not values:
             return None
-        p50, p95, p99 = np.percentile(array, [50, 95, 99])
+        ordered = sorted(values)
         return cls(
-            int(array.size),
-            float(array.min()),
-            float(array.max()),
-            float(array.mean()),
-            float(p50),
-            float(p95),
-            float(p99),
+            count=len(ordered),
+            min=ordered[0],
+            max=ordered[-1],
+            mean=math.fsum(ordered) / len(ordered),
+            p50=percentile(ordered, 50),
+            p95=percentile(ordered, 95),
+            p99=percentile(ordered, 99),
         )
 
-    def short(self) -> str:
-        if self.count == 1 or self.min == self.max:
-            return _ms(self.mean)
-        return f"{_ms(self.min)} / {_ms(self.max)} / {_ms(self.mean)}"
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Stats:
+        return cls(**{name: data[name] for name in ("count", "min", "max", "mean", "p50", "p95", "p99")})
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
 
 
-def _ms(value: float) -> str:
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.2f} ms"
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile of sorted values, linear between closest ranks."""
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def request_stage_stats(records: Sequence[RequestRecord]) -> dict[str, Stats]:
-    """Per-request stage windows (Server-Timing) of successful requests, in milliseconds."""
-    stats: dict[str, Stats] = {}
-    ok = [r for r in records if r.status == 200]
-    for stage in REQUEST_STAGES:
-        value = Stats.of(r.stages_ms[stage] for r in ok if stage in r.stages_ms)
-        if value is not None:
-            stats[stage] = value
-    return stats
+def _time_in(stage: Mapping[str, float]) -> float:
+    return stage["queue_ms"] + stage["work_ms"]
 
 
-def render_request_table(results: Mapping[str, Sequence[RequestRecord]], console: Console) -> None:
-    """One row per scenario; each stage cell is min / max / mean per request (one value if equal)."""
-    table = Table(title="cliplens: per-request stage time (min / max / mean)")
+def _answered(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    return [record for record in records if record.status == 200]
+
+
+def image_series(records: Sequence[RequestRecord]) -> dict[str, dict[str, list[float]]]:
+    """{column: {measure: values}} over every image of every answered request."""
+    series: dict[str, dict[str, list[float]]] = {
+        stage: {measure: [] for measure in MEASURES} for stage in IMAGE_STAGES
+    }
+    series["load+decode"] = {"time": []}
+    for record in _answered(records):
+        for item in record.items:
+            for stage in IMAGE_STAGES:
+                if stage in item.stages:
+                    timing = item.stages[stage]
+                    series[stage]["time"].append(_time_in(timing))
+                    series[stage]["wait"].append(timing["queue_ms"])
+                    series[stage]["work"].append(timing["work_ms"])
+            if "load" in item.stages and "decode" in item.stages:
+                series["load+decode"]["time"].append(
+                    _time_in(item.stages["load"]) + _time_in(item.stages["decode"])
+                )
+    return series
+
+
+def request_series(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
+    """{column: values} over the answered requests; see the module docstring for load+decode."""
+    series: dict[str, list[float]] = {name: [] for name in REQUEST_SERIES}
+    for record in _answered(records):
+        for stage in (*IMAGE_STAGES, "total"):
+            if stage in record.stages_ms:
+                series[stage].append(record.stages_ms[stage])
+        chains = [
+            _time_in(item.stages["load"]) + _time_in(item.stages["decode"])
+            for item in record.items
+            if "load" in item.stages and "decode" in item.stages
+        ]
+        if chains:
+            series["load+decode"].append(max(chains))
+        series["latency"].append(record.latency_ms)
+    return series
+
+
+def wall_ms(records: Sequence[RequestRecord]) -> float:
+    """The scenario's wall time on the client: first request sent to last response received."""
+    if not records:
+        return 0.0
+    return max(r.done_ms for r in records) - min(r.sent_ms for r in records)
+
+
+@dataclass(frozen=True)
+class ScenarioSummary:
+    """Everything the tables print about one scenario, computed from its records only."""
+
+    key: str
+    name: str
+    images_per_request: int
+    concurrency: int
+    requests: int
+    requests_ok: int
+    images: int
+    images_ok: int
+    errors: dict[str, int]
+    wall_ms: float
+    images_per_s: float
+    per_image: dict[str, dict[str, Stats]]
+    per_request: dict[str, Stats]
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "images_per_request": self.images_per_request,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "requests_ok": self.requests_ok,
+            "images": self.images,
+            "images_ok": self.images_ok,
+            "errors": self.errors,
+            "error_count": self.error_count,
+            "wall_ms": self.wall_ms,
+            "images_per_s": self.images_per_s,
+            "per_image": {
+                column: {measure: stats.to_json() for measure, stats in measures.items()}
+                for column, measures in self.per_image.items()
+            },
+            "per_request": {column: stats.to_json() for column, stats in self.per_request.items()},
+        }
+
+
+def summarize(scenario: Scenario, records: Sequence[RequestRecord]) -> ScenarioSummary:
+    """The scenario's summary from its raw records."""
+    per_image: dict[str, dict[str, Stats]] = {}
+    for column, measures in image_series(records).items():
+        computed = {measure: Stats.of(values) for measure, values in measures.items()}
+        kept = {measure: stats for measure, stats in computed.items() if stats is not None}
+        if kept:
+            per_image[column] = kept
+    per_request = {
+        column: stats
+        for column, values in request_series(records).items()
+        if (stats := Stats.of(values)) is not None
+    }
+    errors: dict[str, int] = {}
+    for record in records:
+        for code, count in record.errors.items():
+            errors[code] = errors.get(code, 0) + count
+    images_ok = sum(r.ok for r in records)
+    wall = wall_ms(records)
+    return ScenarioSummary(
+        key=scenario.key,
+        name=scenario.name,
+        images_per_request=scenario.images,
+        concurrency=scenario.concurrency,
+        requests=len(records),
+        requests_ok=len(_answered(records)),
+        images=sum(r.images for r in records),
+        images_ok=images_ok,
+        errors=dict(sorted(errors.items())),
+        wall_ms=wall,
+        images_per_s=images_ok / (wall / 1e3) if wall > 0 else 0.0,
+        per_image=per_image,
+        per_request=per_request,
+    )
+
+
+def format_ms(value: float) -> str:
+    """Milliseconds at a precision that fits a column: 8870, 546.5 -> 546, 12.79 -> 12.8, 1.52."""
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def format_cell(stats: Stats | None, fields: tuple[str, str, str]) -> str:
+    """`min / max / mean` (or the fields asked for); a single value when there is one observation."""
+    if stats is None:
+        return "-"
+    if stats.count == 1:
+        return format_ms(stats.mean)
+    return " / ".join(format_ms(getattr(stats, name)) for name in fields)
+
+
+def _errors_cell(summary: ScenarioSummary) -> str:
+    if not summary.errors:
+        return "0"
+    details = ", ".join(f"{code} {count}" for code, count in summary.errors.items())
+    return f"{summary.error_count} ({details})"
+
+
+def _stage_table(
+    summaries: Sequence[ScenarioSummary], title: str, fields: tuple[str, str, str], caption: str | None
+) -> Table:
+    table = Table(title=title, caption=caption, caption_justify="left")
     table.add_column("scenario")
-    for stage in REQUEST_STAGES:
-        table.add_column(stage, justify="right")
+    table.add_column("scope")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
     table.add_column("images/s", justify="right")
     table.add_column("errors", justify="right")
-    for name, records in results.items():
-        stats = request_stage_stats(records)
-        wall_s = max((r.latency_ms for r in records), default=0.0) / 1000
-        images = sum(r.ok for r in records)
-        errors = sum(sum(r.errors.values()) for r in records)
-        cells = [stats[s].short() if s in stats else "-" for s in REQUEST_STAGES]
-        table.add_row(name, *cells, f"{images / wall_s:.1f}" if wall_s else "-", str(errors))
+    for summary in summaries:
+        images = summary.per_image
+        image_cells = [
+            format_cell(images[c]["time"] if c in images else None, fields) if c != "total" else "-"
+            for c in COLUMNS
+        ]
+        request_cells = [format_cell(summary.per_request.get(c), fields) for c in COLUMNS]
+        table.add_row(
+            summary.name,
+            f"per image ({summary.images_ok})",
+            *image_cells,
+            f"{summary.images_per_s:.1f}",
+            _errors_cell(summary),
+        )
+        table.add_row("", f"per request ({summary.requests_ok})", *request_cells, "", "", end_section=True)
+    return table
+
+
+SCOPES_CAPTION = (
+    "per image: time in the stage, wait + work (the service's per-image timings); "
+    "per request: Server-Timing window, first image in to last out; load+decode per request: "
+    "until its last image was decoded. images/s: images returned / wall time of the scenario."
+)
+
+
+def render_tables(summaries: Sequence[ScenarioSummary], console: Console) -> None:
+    """The study's table (min / max / mean), the same in percentiles, and where the time goes."""
+    console.print(
+        _stage_table(summaries, "time per stage (ms): min / max / mean", ("min", "max", "mean"), None)
+    )
+    console.print(
+        _stage_table(summaries, "time per stage (ms): p50 / p95 / p99", ("p50", "p95", "p99"), SCOPES_CAPTION)
+    )
+    split = Table(title="per image (ms): mean wait / mean work in each stage")
+    split.add_column("scenario")
+    for stage in IMAGE_STAGES:
+        split.add_column(stage, justify="right")
+    for summary in summaries:
+        cells = []
+        for stage in IMAGE_STAGES:
+            measures = summary.per_image.get(stage, {})
+            if "wait" in measures and "work" in measures:
+                cells.append(f"{format_ms(measures['wait'].mean)} / {format_ms(measures['work'].mean)}")
+            else:
+                cells.append("-")
+        split.add_row(summary.name, *cells)
+    console.print(split)
+
+
+def _ratio(a: float | None, b: float | None, lower_is_better: bool = True) -> Text:
+    if a is None or b is None or a <= 0:
+        return Text("-")
+    ratio = b / a
+    better = ratio < 1 if lower_is_better else ratio > 1
+    style = "" if abs(ratio - 1) < 0.05 else ("green" if better else "red")
+    return Text(f"x{ratio:.2f}", style=style)
+
+
+def _mean(stats: Stats | None) -> float | None:
+    return None if stats is None else stats.mean
+
+
+def _p95(stats: Stats | None) -> float | None:
+    return None if stats is None else stats.p95
+
+
+def _ms_or_dash(value: float | None) -> str:
+    return "-" if value is None else format_ms(value)
+
+
+def render_comparison(
+    a: Sequence[ScenarioSummary],
+    b: Sequence[ScenarioSummary],
+    console: Console,
+    labels: tuple[str, str] = ("A", "B"),
+) -> None:
+    """Two runs side by side, per scenario in both, per stage: mean and p95 of A and B, and B / A."""
+    by_key = {summary.key: summary for summary in b}
+    table = Table(
+        title=f"{labels[0]} -> {labels[1]}: mean and p95 per stage (ms), ratio {labels[1]} / {labels[0]}"
+    )
+    table.add_column("scenario")
+    table.add_column("scope / stage")
+    for head in (
+        f"{labels[0]} mean",
+        f"{labels[1]} mean",
+        "ratio",
+        f"{labels[0]} p95",
+        f"{labels[1]} p95",
+        "ratio",
+    ):
+        table.add_column(head, justify="right")
+    for left in a:
+        right = by_key.get(left.key)
+        if right is None:
+            continue
+        rows: list[tuple[str, Stats | None, Stats | None]] = []
+        for column in COLUMNS:
+            if column != "total":
+                rows.append(
+                    (
+                        f"per image {column}",
+                        left.per_image.get(column, {}).get("time"),
+                        right.per_image.get(column, {}).get("time"),
+                    )
+                )
+        for column in COLUMNS:
+            rows.append(
+                (f"per request {column}", left.per_request.get(column), right.per_request.get(column))
+            )
+        for index, (label, x, y) in enumerate(rows):
+            table.add_row(
+                left.name if index == 0 else "",
+                label,
+                _ms_or_dash(_mean(x)),
+                _ms_or_dash(_mean(y)),
+                _ratio(_mean(x), _mean(y)),
+                _ms_or_dash(_p95(x)),
+                _ms_or_dash(_p95(y)),
+                _ratio(_p95(x), _p95(y)),
+            )
+        table.add_row(
+            "",
+            "images/s",
+            f"{left.images_per_s:.1f}",
+            f"{right.images_per_s:.1f}",
+            _ratio(left.images_per_s, right.images_per_s, lower_is_better=False),
+            "",
+            "",
+            "",
+        )
+        table.add_row(
+            "", "errors", str(left.error_count), str(right.error_count), "", "", "", "", end_section=True
+        )
     console.print(table)
+    only_a = [s.name for s in a if s.key not in by_key]
+    only_b = [s.name for s in b if s.key not in {x.key for x in a}]
+    if only_a:
+        console.print(f"only in {labels[0]}: {', '.join(only_a)}")
+    if only_b:
+        console.print(f"only in {labels[1]}: {', '.join(only_b)}")

@@ -1,0 +1,389 @@
+"""`cliplens experiment` end to end: the real CLI, the real in-process service, real fake-gcs-server.
+
+The experiment runs at a tiny size (tiny model, four 320x240 photos, scenarios 1 and 4x3), once on
+the local directory and once on fake GCS behind the latency proxy. The tests read its results.json
+and stdout, and recompute the table's numbers from the raw records with plain Python, independently
+of cliplens.experiment.report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from cliplens.experiment.inprocess import InProcessService
+from cliplens.experiment.latency import LatencyProxy
+from cliplens.settings import Settings
+from tests.conftest import BUCKET
+from tests.servers import FakeGcs
+
+STAGES = ("load", "decode", "preprocess", "embed")
+SCENARIOS = {"1x1": (1, 1), "4x3": (4, 3)}
+DELAY_MS = 150.0
+RATE_MBPS = 8.0
+
+
+@dataclass
+class Run:
+    directory: Path
+    stdout: str
+    stderr: str
+    returncode: int
+
+    def results(self, label: str) -> dict[str, Any]:
+        return json.loads((self.directory / f"{label}.json").read_text())  # type: ignore[no-any-return]
+
+
+def _env(tiny_model: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
+    env.update(CLIPLENS_MODEL=tiny_model, CLIPLENS_PRETRAINED="none", CLIPLENS_CPU_WORKERS="2")
+    return env
+
+
+def _cliplens(tiny_model: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cliplens.cli", *args],
+        env=_env(tiny_model),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def _experiment(tiny_model: str, directory: Path, label: str, *extra: str) -> Run:
+    result = _cliplens(
+        tiny_model,
+        "experiment",
+        "--dir",
+        str(directory),
+        "--label",
+        label,
+        "--photos",
+        "4",
+        "--mix",
+        "320x240=1",
+        "--scenario",
+        "1",
+        "--scenario",
+        "4x3",
+        *extra,
+    )
+    return Run(directory, result.stdout, result.stderr, result.returncode)
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experiment")
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_model: str, results_dir: Path) -> Run:
+    run = _experiment(tiny_model, results_dir, "local")
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def delayed_run(tiny_model: str, results_dir: Path) -> Run:
+    run = _experiment(
+        tiny_model,
+        results_dir,
+        "delayed",
+        "--storage",
+        "fake-gcs",
+        "--delay-ms",
+        str(DELAY_MS),
+        "--rate-mbps",
+        str(RATE_MBPS),
+    )
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    return run
+
+
+# --- the test's own arithmetic: plain Python, nothing from cliplens.experiment.report -------------
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _quantile(values: list[float], q: int) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "count": len(values),
+        "min": min(values),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+        "p50": _quantile(values, 50),
+        "p95": _quantile(values, 95),
+        "p99": _quantile(values, 99),
+    }
+
+
+def _in_stage(timing: dict[str, float]) -> float:
+    return timing["queue_ms"] + timing["work_ms"]
+
+
+def _per_image(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    series: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "load+decode")}
+    for record in records:
+        for item in record["items"]:
+            for stage in STAGES:
+                series[stage].append(_in_stage(item["stages"][stage]))
+            series["load+decode"].append(
+                _in_stage(item["stages"]["load"]) + _in_stage(item["stages"]["decode"])
+            )
+    return series
+
+
+def _per_request(records: list[dict[str, Any]]) -> dict[str, list[float]]:
+    series: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "total", "load+decode")}
+    for record in records:
+        for stage in (*STAGES, "total"):
+            series[stage].append(record["stages_ms"][stage])
+        series["load+decode"].append(
+            max(_in_stage(i["stages"]["load"]) + _in_stage(i["stages"]["decode"]) for i in record["items"])
+        )
+    return series
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("│┃").split("│")]
+
+
+def _rows(table_text: str, scenario_name: str, images: int, requests: int) -> tuple[list[str], list[str]]:
+    lines = table_text.splitlines()
+    for index, line in enumerate(lines):
+        if scenario_name in line and f"per image ({images})" in line:
+            request_line = lines[index + 1]
+            assert f"per request ({requests})" in request_line
+            return _cells(line), _cells(request_line)
+    raise AssertionError(f"no row for {scenario_name!r} in\n{table_text}")
+
+
+def _shows(cell: str, stats: dict[str, float], fields: tuple[str, str, str]) -> bool:
+    """The cell prints the values, each to within half a unit of its last digit.
+
+    The cell's text is compared number by number rather than as a string: two correct sums in a
+    different order may differ in the last bit, which flips a value lying exactly on a rounding
+    boundary (a mean of four Server-Timing values such as 5.125) to one side or the other.
+    """
+    values = [stats["mean"]] if stats["count"] == 1 else [stats[name] for name in fields]
+    shown = cell.split(" / ")
+    if len(shown) != len(values):
+        return False
+    for text, value in zip(shown, values, strict=True):
+        decimals = len(text.partition(".")[2])
+        close = abs(float(text) - value) <= 0.5 * 10**-decimals + 1e-9
+        if text != _fmt(value) and not (close and decimals == len(_fmt(value).partition(".")[2])):
+            return False
+    return True
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+def test_results_hold_every_stage_of_every_scenario_with_the_counts_sent(local_run: Run) -> None:
+    data = local_run.results("local")
+    assert [s["key"] for s in data["scenarios"]] == list(SCENARIOS)
+    for scenario in data["scenarios"]:
+        images, concurrency = SCENARIOS[scenario["key"]]
+        summary = scenario["summary"]
+        assert (summary["requests"], summary["requests_ok"]) == (concurrency, concurrency)
+        assert (summary["images"], summary["images_ok"]) == (images * concurrency, images * concurrency)
+        assert summary["error_count"] == 0
+        assert len(scenario["records"]) == concurrency
+        assert all(len(r["items"]) == images and r["status"] == 200 for r in scenario["records"])
+        for stage in (*STAGES, "load+decode"):
+            for measure, stats in summary["per_image"][stage].items():
+                assert stats["count"] == images * concurrency, (stage, measure)
+                assert stats["min"] <= stats["mean"] <= stats["max"]
+                assert stats["min"] <= stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+        assert set(summary["per_image"]["load"]) == {"time", "wait", "work"}
+        for stage in (*STAGES, "load+decode", "total", "latency"):
+            stats = summary["per_request"][stage]
+            assert stats["count"] == concurrency, stage
+            assert stats["min"] <= stats["mean"] <= stats["max"]
+    model = data["service"]["model"]
+    assert model["random_weights"] is True and model["device"] == "cpu" and model["dimension"] == 32
+    assert data["service"]["settings"]["model"].startswith("local-dir:")
+    assert data["corpus"]["count"] == 4 and data["corpus"]["classes"] == {"320x240": 4}
+    machine = data["machine"]
+    assert machine["cores_usable"] >= 1 and machine["cpu"] and machine["memory_bytes"] > 0
+    assert machine["gpus"] == [] and machine["versions"]["torch"] and machine["versions"]["open_clip_torch"]
+    assert data["options"]["scenarios"] == list(SCENARIOS)
+
+
+def test_the_figure_is_a_valid_png(local_run: Run) -> None:
+    path = local_run.directory / "local.png"
+    assert f"figure: {path}" in local_run.stdout.replace("\n", "")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 600
+
+
+def test_the_table_and_summaries_are_what_the_raw_records_say(local_run: Run) -> None:
+    data = local_run.results("local")
+    first_table, percentile_table = local_run.stdout.split("p50 / p95 / p99", 1)
+    columns = ("load", "decode", "load+decode", "preprocess", "embed")
+    for scenario in data["scenarios"]:
+        images, concurrency = SCENARIOS[scenario["key"]]
+        records = scenario["records"]
+        per_image = {stage: _stats(values) for stage, values in _per_image(records).items()}
+        per_request = {stage: _stats(values) for stage, values in _per_request(records).items()}
+        summary = scenario["summary"]
+        for stage, expected in per_image.items():
+            got = summary["per_image"][stage]["time"]
+            for name, value in expected.items():
+                assert math.isclose(got[name], value, rel_tol=1e-9, abs_tol=1e-9), (stage, name)
+        for stage, expected in per_request.items():
+            got = summary["per_request"][stage]
+            for name, value in expected.items():
+                assert math.isclose(got[name], value, rel_tol=1e-9, abs_tol=1e-9), (stage, name)
+        wall_s = (max(r["done_ms"] for r in records) - min(r["sent_ms"] for r in records)) / 1e3
+        throughput = sum(r["ok"] for r in records) / wall_s
+        assert math.isclose(summary["images_per_s"], throughput, rel_tol=1e-9)
+
+        for table, fields in (
+            (first_table, ("min", "max", "mean")),
+            (percentile_table, ("p50", "p95", "p99")),
+        ):
+            image_row, request_row = _rows(table, scenario["name"], images * concurrency, concurrency)
+            for cell, column in zip(image_row[2:7], columns, strict=True):
+                assert _shows(cell, per_image[column], fields), (scenario["key"], column, cell)
+            assert image_row[7] == "-"
+            for cell, column in zip(request_row[2:8], (*columns, "total"), strict=True):
+                assert _shows(cell, per_request[column], fields), (scenario["key"], column, cell)
+            assert image_row[8] == f"{throughput:.1f}" and image_row[9] == "0"
+
+
+def test_injected_storage_latency_shows_in_the_measured_load_stage(delayed_run: Run) -> None:
+    data = delayed_run.results("delayed")
+    smallest = min(p.stat().st_size for p in (delayed_run.directory / "photos").glob("*.jpg"))
+    transfer_ms = smallest * 8 / (RATE_MBPS * 1e6) * 1e3
+    loads = [
+        item["stages"]["load"]["work_ms"]
+        for scenario in data["scenarios"]
+        for record in scenario["records"]
+        for item in record["items"]
+    ]
+    assert len(loads) == 1 + 12
+    assert min(loads) >= DELAY_MS + transfer_ms
+    for scenario in data["scenarios"]:
+        assert all(r["stages_ms"]["load"] >= DELAY_MS for r in scenario["records"])
+    proxy = data["storage"]["proxy"]
+    assert proxy["delay_ms"] == DELAY_MS and proxy["rate_mbps"] == RATE_MBPS
+    assert proxy["requests"] >= len(loads)
+    assert data["storage"]["kind"] == "fake-gcs"
+    assert data["service"]["settings"]["gcs_emulator_host"] == data["storage"]["service_reads_from"]
+
+
+def test_compare_sets_two_runs_side_by_side_with_the_ratio_per_stage(
+    local_run: Run, delayed_run: Run, tiny_model: str
+) -> None:
+    result = _cliplens(
+        tiny_model,
+        "experiment",
+        "--compare",
+        str(local_run.directory / "local.json"),
+        str(delayed_run.directory / "delayed.json"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "local -> delayed" in result.stdout
+    assert "storage.kind" in result.stdout and "fake-gcs" in result.stdout
+    local = local_run.results("local")["scenarios"][0]["summary"]["per_image"]["load"]["time"]["mean"]
+    delayed = delayed_run.results("delayed")["scenarios"][0]["summary"]["per_image"]["load"]["time"]["mean"]
+    load_row = next(line for line in result.stdout.splitlines() if "per image load " in line)
+    cells = _cells(load_row)
+    assert cells[0] == "1 image"
+    assert cells[4] == f"x{delayed / local:.2f}"
+    assert delayed / local > 10
+
+
+@pytest.fixture
+def proxied_gcs(fake_gcs: FakeGcs) -> Iterator[tuple[LatencyProxy, bytes]]:
+    data = os.urandom(250_000)
+    fake_gcs.upload(BUCKET, "proxy/blob.bin", data, content_type="application/octet-stream")
+    with LatencyProxy("127.0.0.1", fake_gcs.port, delay_ms=120, rate_mbps=4) as proxy:
+        yield proxy, data
+
+
+def test_the_proxy_delays_every_request_and_paces_each_connection(
+    proxied_gcs: tuple[LatencyProxy, bytes], fake_gcs: FakeGcs
+) -> None:
+    proxy, data = proxied_gcs
+    path = f"/storage/v1/b/{BUCKET}/o/proxy%2Fblob.bin"
+    floor_s = 0.120 + len(data) * 8 / 4e6
+    with httpx.Client(base_url=proxy.url, timeout=30) as client:
+        for _ in range(2):
+            started = time.perf_counter()
+            response = client.get(path, params={"alt": "media"})
+            elapsed = time.perf_counter() - started
+            assert response.content == data
+            assert elapsed >= floor_s
+    assert proxy.counters.connections == 1
+    assert proxy.counters.requests == 2
+    assert proxy.counters.bytes_down >= 2 * len(data)
+    started = time.perf_counter()
+    direct = httpx.get(f"{fake_gcs.url}{path}", params={"alt": "media"}, timeout=30)
+    assert direct.content == data and time.perf_counter() - started < floor_s / 2
+
+
+def test_a_running_service_is_measured_through_its_url_with_photos_copied_to_its_root(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    settings = Settings(model=tiny_model, pretrained="none", image_root=served, cpu_workers=2)
+    with InProcessService(settings) as url:
+        result = _cliplens(
+            tiny_model,
+            "experiment",
+            "--url",
+            url,
+            "--image-root",
+            str(served),
+            "--dir",
+            str(tmp_path / "out"),
+            "--photos",
+            "2",
+            "--mix",
+            "64x48=1",
+            "--scenario",
+            "2x2",
+            "--no-figure",
+        )
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["service"] == {**data["service"], "url": url, "in_process": False, "settings": None}
+    assert data["scenarios"][0]["summary"]["images_ok"] == 4
+    copied = sorted(p.name for p in (served / "cliplens-experiment").iterdir())
+    assert copied == sorted(p.name for p in (tmp_path / "out" / "photos").iterdir())
+    assert (tmp_path / "out" / "references.txt").read_text().split() == [
+        f"cliplens-experiment/{name}" for name in copied
+    ]
+    assert not (tmp_path / "out" / "results.png").exists()

