@@ -352,6 +352,105 @@ def load_row() -> list[Json]:
     ]
 
 
+AUTOSCALING_WINDOW = "30s"
+"""The window of the autoscaling query (deploy/kubernetes/components/keda/scaledobject.yaml)."""
+
+
+def images_in_flight_per_replica() -> str:
+    """The KEDA query divided by the replicas reporting: what the autoscaler holds to its target.
+
+    KEDA's query is the sum over replicas (metricType AverageValue divides it by the replica count
+    itself); the same 30 s average of each replica's sampled gauge is drawn here per replica.
+    """
+    return (
+        f"sum(avg_over_time(cliplens_images_in_flight{{{INSTANCE}}}[{AUTOSCALING_WINDOW}]))"
+        f" / count(cliplens_images_in_flight_limit{{{INSTANCE}}})"
+    )
+
+
+def replica_rows() -> list[Json]:
+    return [
+        row("Replicas: admission, autoscaling signal, exact peaks, rejections and retries"),
+        timeseries(
+            "Images in flight vs admission limit",
+            "Images admitted and not finished, summed over the selected replicas, against the sum of "
+            "their admission bounds (CLIPLENS_MAX_IMAGES_IN_FLIGHT each): at the bound, new requests get "
+            "429 `overloaded`. Sampled at each scrape; one line per replica below the sum.",
+            [
+                target("A", f"sum(cliplens_images_in_flight{{{INSTANCE}}})", "in flight, selected replicas"),
+                target(
+                    "B", f"sum(cliplens_images_in_flight_limit{{{INSTANCE}}})", "admission limit, selected"
+                ),
+                target("C", f"cliplens_images_in_flight{{{INSTANCE}}}", "{{instance}}"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Autoscaling signal: images in flight per replica",
+            "What KEDA scales on (deploy/kubernetes/components/keda): each replica's images in flight "
+            f"averaged over {AUTOSCALING_WINDOW}, summed, divided by the replicas reporting; the autoscaler "
+            "adds replicas while it stays above the target (the ScaledObject's threshold, recorded as "
+            "cliplens:images_in_flight_per_replica_target). Replicas, by device, on the same axis.",
+            [
+                target("A", images_in_flight_per_replica(), f"per replica ({AUTOSCALING_WINDOW} mean)"),
+                target("B", "cliplens:images_in_flight_per_replica_target", "target (KEDA threshold)"),
+                target("C", f"count by (device) (cliplens_model_info{{{INSTANCE}}})", "{{device}} replicas"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Exact in-flight peaks between scrapes",
+            "The highest number of requests and images in flight on one replica within its window "
+            "(cliplens_requests_in_flight_max, cliplens_images_in_flight_max: exact, unlike the sampled "
+            "gauges). `busiest` is the max over the selected replicas; peaks of different replicas may "
+            "fall at different moments, so their sum only bounds the fleet's peak from above.",
+            [
+                target("A", f"max(cliplens_requests_in_flight_max{{{INSTANCE}}})", "requests, busiest"),
+                target("B", f"max(cliplens_images_in_flight_max{{{INSTANCE}}})", "images, busiest"),
+                target("C", f"cliplens_requests_in_flight_max{{{INSTANCE}}}", "{{instance}} requests"),
+                target("D", f"cliplens_images_in_flight_max{{{INSTANCE}}}", "{{instance}} images"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Rejected requests per second, by reason",
+            "Requests refused before any work (cliplens_rejected_requests_total): `overloaded` (429, the "
+            "admission bound) and `shutting_down` (503, a draining replica). Sum over the selected replicas.",
+            [
+                target(
+                    "A",
+                    f"sum by (reason) ({rate('cliplens_rejected_requests_total')})",
+                    "{{reason}}",
+                )
+            ],
+            unit="short",
+            width=12,
+            overrides=[],
+        ),
+        timeseries(
+            "Download retries per second, by reason",
+            "Storage downloads retried (cliplens_download_retries_total): http_429, http_5xx, connection, "
+            "timeout. Retries that stay high mean the storage, not the service, is the bottleneck.",
+            [
+                target(
+                    "A",
+                    f"sum by (reason) ({rate('cliplens_download_retries_total')})",
+                    "{{reason}}",
+                )
+            ],
+            unit="short",
+            width=12,
+            overrides=[],
+        ),
+    ]
+
+
 def request_rows() -> list[Json]:
     return [
         row(
@@ -601,7 +700,7 @@ def variables() -> list[Json]:
             "type": "query",
             "name": "instance",
             "label": "instance",
-            "description": "Service instances (replicas) scraped by Prometheus.",
+            "description": "Service replicas scraped by Prometheus (on Kubernetes, the pod's name).",
             "datasource": PROMETHEUS,
             "query": "label_values(cliplens_model_info, instance)",
             "definition": "label_values(cliplens_model_info, instance)",
@@ -671,7 +770,9 @@ def layout(panels: list[Json]) -> list[Json]:
 
 
 def dashboard() -> Json:
-    panels = layout([*load_row(), *request_rows(), *image_rows(), *batch_rows(), *recorded_rows()])
+    panels = layout(
+        [*load_row(), *replica_rows(), *request_rows(), *image_rows(), *batch_rows(), *recorded_rows()]
+    )
     return {
         "uid": "cliplens-stage-latency",
         "title": "cliplens — stage latency",

@@ -90,6 +90,8 @@ class PrometheusServer:
         )
         jobs = [job for job in config["scrape_configs"] if job["job_name"] == "cliplens"]
         assert len(jobs) == 1, "observability/prometheus.yml must have one `cliplens` job"
+        for discovery in [key for key in jobs[0] if key.endswith("_sd_configs")]:
+            del jobs[0][discovery]  # compose finds the replicas by DNS; here there is one, on loopback
         jobs[0]["static_configs"] = [{"targets": [target]}]
         config["scrape_configs"] = jobs
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -107,7 +107,8 @@ def test_images_are_pinned_and_long_running_services_have_health_checks(compose:
 
 def test_expected_services_and_images(compose: dict[str, Any]) -> None:
     found = services(compose)
-    assert {"api", "gcs", "jaeger", "prometheus", "grafana", "photos"} <= set(found)
+    assert {"api", "proxy", "gcs", "jaeger", "prometheus", "grafana", "photos"} <= set(found)
+    assert found["proxy"]["image"].startswith("haproxy:")
     assert found["gcs"]["image"].startswith("fsouza/fake-gcs-server:")
     assert found["jaeger"]["image"].startswith("jaegertracing/jaeger:2.")
     assert found["prometheus"]["image"].startswith("prom/prometheus:")
@@ -217,8 +218,9 @@ def test_prometheus_in_compose_runs_the_project_config_with_exemplars(compose: d
     for rule_file in config["rule_files"]:
         assert not Path(rule_file).is_absolute() and (OBSERVABILITY / rule_file).is_file()
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["cliplens"]["static_configs"] == [{"targets": ["api:8000"]}]
-    assert "8000:8000" in found["api"]["ports"]
+    assert jobs["cliplens"]["dns_sd_configs"] == [
+        {"names": ["api"], "type": "A", "port": 8000, "refresh_interval": "5s"}
+    ], "every replica of `docker compose up --scale api=N` is a target of its own"
     jaeger_exporter = load_yaml(OBSERVABILITY / "jaeger.yaml")["exporters"]["prometheus"]["endpoint"]
     assert jobs["jaeger-spanmetrics"]["static_configs"] == [
         {"targets": [f"jaeger:{jaeger_exporter.rpartition(':')[2]}"]}
