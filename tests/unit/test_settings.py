@@ -90,3 +90,14 @@ def test_an_emulator_host_without_the_explicit_opt_in_refuses_to_start() -> None
     assert load_settings(
         {"STORAGE_EMULATOR_HOST": "http://x:1", "CLIPLENS_ALLOW_EMULATOR": "1"}
     ).allow_emulator
+
+
+def test_a_container_cpu_limit_caps_the_cores_used(tmp_path: Path) -> None:
+    from cliplens.pipeline.service import cgroup_cpu_limit
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")
+    assert cgroup_cpu_limit(cpu_max) == 3
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_limit(cpu_max) is None
+    assert cgroup_cpu_limit(tmp_path / "absent") is None

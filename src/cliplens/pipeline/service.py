@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -74,12 +76,25 @@ class Overloaded(Exception):
         self.requested = requested
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
+def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole cores of a cgroup v2 CPU quota (a container's CPU limit), or None when unlimited."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its affinity mask, capped by a container's CPU limit."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
 
 
 class EmbeddingService:

@@ -10,6 +10,8 @@ and trace ids still exist in-process (for `X-Trace-Id`, exemplars and log lines)
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -51,6 +53,8 @@ def build_tracer_provider(settings: Settings) -> TracerProvider:
     """A provider with the service's resource and sampler, and no processor yet."""
     attributes: dict[str, str] = dict(settings.resource_attributes)
     attributes["service.name"] = settings.service_name
+    # Replicas must be told apart in traces; Kubernetes sets this from the pod name.
+    attributes.setdefault("service.instance.id", f"{socket.gethostname()}-{os.getpid()}")
     return TracerProvider(
         resource=Resource.create(attributes),
         sampler=build_sampler(settings.traces_sampler, settings.traces_sampler_arg),
