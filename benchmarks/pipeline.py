@@ -48,6 +48,7 @@ from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.load import RequestRecord, Scenario, run_scenario
 from cliplens.experiment.machine import describe
 from cliplens.pipeline.model import resolve_dtype
+from cliplens.pipeline.service import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("load", "decode", "preprocess", "embed")
@@ -344,7 +345,7 @@ def main() -> None:
     mixed_dir = workdir / "photos"
     mix = {"2mp": 1.0} if args.tiny else {"12mp": 0.5, "2mp": 0.5}
     print(f"generating {args.photos} photos in {mixed_dir} ...", flush=True)
-    mixed = [p.name for p in generate(mixed_dir, args.photos, mix)]
+    mixed = sorted(p.name for p in generate(mixed_dir, args.photos, mix, workers=usable_cpus()))
     small = [name for name in mixed if "2mp" in name]
     scenarios = [
         ("1 image", Scenario(1), mixed),
