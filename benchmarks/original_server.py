@@ -5,7 +5,8 @@ What the original server did per request (from the study that started the projec
 - load every photo (here: read from the same local directory cliplens reads), then decode every
   photo at full resolution with `cv2.imdecode` and convert BGR -> RGB;
 - preprocess each image with open_clip's own PIL transform, in that per-request pool;
-- embed in per-request batches of 32, float32, on a thread of its own (requests do not share batches).
+- embed in per-request batches of 32, float32, on the device given (the original ran on a GPU),
+  on a thread of its own (requests do not share batches).
 
 It answers POST /v1/embeddings with the same envelope shape as cliplens and a `Server-Timing`
 header whose stage windows mean the same as cliplens's (from the first image entering a stage to the
@@ -35,11 +36,12 @@ BATCH = 32
 
 
 class OriginalPipeline:
-    def __init__(self, model_name: str, pretrained: str | None, image_root: Path) -> None:
+    def __init__(self, model_name: str, pretrained: str | None, image_root: Path, device: str) -> None:
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained
         )
-        self.model.eval()
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
         self.image_root = image_root.resolve()
         self.work: dict[str, list[float]] = {"load": [], "decode": [], "preprocess": []}
         self._lock = threading.Lock()
@@ -70,8 +72,9 @@ class OriginalPipeline:
         outputs = []
         with torch.no_grad():
             for start in range(0, len(tensors), BATCH):
-                features = self.model.encode_image(torch.stack(tensors[start : start + BATCH]))
-                outputs.append(torch.nn.functional.normalize(features, dim=-1).numpy())
+                batch = torch.stack(tensors[start : start + BATCH]).to(self.device)
+                features = self.model.encode_image(batch)
+                outputs.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
         return np.concatenate(outputs)
 
     async def embed(self, names: list[str]) -> tuple[np.ndarray, dict[str, float]]:
@@ -126,8 +129,9 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--image-root", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--device", default="cpu", help="the original was a GPU server: cuda there")
     args = parser.parse_args()
-    pipeline = OriginalPipeline(args.model, args.pretrained, args.image_root)
+    pipeline = OriginalPipeline(args.model, args.pretrained, args.image_root, args.device)
     uvicorn.run(create_original_app(pipeline), host="127.0.0.1", port=args.port, log_level="warning")
 
 

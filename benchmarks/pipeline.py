@@ -5,7 +5,9 @@ Variants, each a real HTTP server in its own process, loaded by this process ove
   (per-request thread pools, full-resolution cv2 decode, PIL preprocess, per-request batches of 32,
   float32);
 - `cliplens-default`: `cliplens serve` with default settings (dtype auto);
-- `cliplens-float32`: the same, forced to float32.
+- `cliplens-float32`: the same, forced to float32;
+- `cliplens-gpu-decode` (ask for it with --variants, on CUDA): default settings plus
+  CLIPLENS_GPU_DECODE=1 (JPEGs decoded by nvJPEG).
 Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O.
 
 Scenarios: 1 image, 50 images, 50 images x 30 concurrent (12 MP and 2 MP photos, half each), and
@@ -390,13 +392,18 @@ def main() -> None:
             args.model,
             "--image-root",
             str(mixed_dir),
+            "--device",
+            args.device,
         ],
         "cliplens-default": [sys.executable, "-m", "cliplens.cli", "serve"],
         "cliplens-float32": [sys.executable, "-m", "cliplens.cli", "serve"],
+        "cliplens-gpu-decode": [sys.executable, "-m", "cliplens.cli", "serve"],
     }
     results: list[ScenarioResult] = []
     for variant in args.variants:
         variant_env = dict(env, CLIPLENS_DTYPE="float32" if variant == "cliplens-float32" else "auto")
+        if variant == "cliplens-gpu-decode":
+            variant_env["CLIPLENS_GPU_DECODE"] = "1"
         print(f"variant {variant} ...", flush=True)
         with server(commands[variant], variant_env, workdir / f"{variant}.log") as url:
             results += run_variant(variant, url, scenarios, mixed[: min(8, len(mixed))])
