@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from litestar import Controller, Response, post
+from litestar import Controller, Request, Response, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, MultipartBody
@@ -28,8 +29,9 @@ from cliplens.api.schemas import (
     Usage,
 )
 from cliplens.pipeline.references import InlineReference, Reference
-from cliplens.pipeline.service import Embeddings
+from cliplens.pipeline.service import Embeddings, EmbeddingService
 from cliplens.runtime import Runtime
+from cliplens.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +51,25 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return [float(v) for v in np.asarray(vector, dtype=np.float32)]
 
 
-def _check_model(runtime: Runtime, asked: str | None) -> None:
-    served = runtime.service.model
+def _check_model(service: EmbeddingService, asked: str | None) -> None:
+    served = service.model
     if asked is not None and asked not in (served.id, served.architecture):
         raise unknown_model(asked, served.id)
 
 
-def _check_count(runtime: Runtime, count: int) -> None:
+def _check_count(settings: Settings, count: int) -> None:
     if count == 0:
         raise empty_input()
-    if count > runtime.settings.max_inputs:
-        raise too_many_items(count, runtime.settings.max_inputs)
+    if count > settings.max_inputs:
+        raise too_many_items(count, settings.max_inputs)
 
 
 def _respond(
-    runtime: Runtime, embeddings: Embeddings, encoding_format: str, modality: str, timings: bool = False
+    service: EmbeddingService,
+    embeddings: Embeddings,
+    encoding_format: str,
+    modality: str,
+    timings: bool = False,
 ) -> Response[EmbeddingResponse]:
     data: list[EmbeddingData] = []
     errors: list[ItemErrorBody] = []
@@ -83,7 +89,7 @@ def _respond(
             )
     images = len(data) if modality == "image" else 0
     body = EmbeddingResponse(
-        model=runtime.service.model.id,
+        model=service.model.id,
         data=data,
         errors=errors,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
@@ -116,19 +122,34 @@ def _current_span() -> trace.SpanContext:
     return trace.get_current_span().get_span_context()
 
 
+async def refuse_early(request: Request[Any, Any, Any]) -> None:
+    """Before the body is read: 503 while loading or draining, 429 while already saturated.
+
+    A saturated service must not read (up to CLIPLENS_MAX_BODY_BYTES of) a body it will refuse;
+    the exact admission of the request's images happens in the service once its size is known.
+    """
+    runtime: Runtime = request.app.state.runtime
+    runtime.service.check_capacity()
+
+
 class EmbeddingsController(Controller):
     path = "/v1/embeddings"
     tags = ["embeddings"]
 
-    @post("/", status_code=200, summary="Embed images (or texts) given by reference")
+    @post(
+        "/",
+        status_code=200,
+        summary="Embed images (or texts) given by reference",
+        before_request=refuse_early,
+    )
     async def create(
         self, data: JSONBody[EmbeddingRequest], runtime: NamedDependency[Runtime]
     ) -> Response[EmbeddingResponse]:
         """Each item is an object name, a gs:// URI or a data: URI (or a text, with modality=text)."""
-        items = [data.input] if isinstance(data.input, str) else data.input
-        _check_count(runtime, len(items))
-        _check_model(runtime, data.model)
         service = runtime.service
+        items = [data.input] if isinstance(data.input, str) else data.input
+        _check_count(runtime.settings, len(items))
+        _check_model(service, data.model)
         if data.dimensions is not None and data.dimensions != service.model.dimension:
             raise unknown_model(
                 f"{data.model or service.model.id} with {data.dimensions} dimensions", service.model.id
@@ -137,17 +158,18 @@ class EmbeddingsController(Controller):
             embeddings = await service.embed_texts(items, _current_span())
         else:
             embeddings = await service.embed_images(list(items), _current_span())
-        return _respond(runtime, embeddings, data.encoding_format, data.modality, data.timings)
+        return _respond(service, embeddings, data.encoding_format, data.modality, data.timings)
 
-    @post("/upload", status_code=200, summary="Embed uploaded image files")
+    @post("/upload", status_code=200, summary="Embed uploaded image files", before_request=refuse_early)
     async def upload(
         self,
         data: MultipartBody[UploadForm],
         runtime: NamedDependency[Runtime],
     ) -> Response[EmbeddingResponse]:
         """multipart/form-data with one or more parts named `files`; each item's `input` is its file name."""
-        _check_count(runtime, len(data.files))
-        _check_model(runtime, data.model)
+        service = runtime.service
+        _check_count(runtime.settings, len(data.files))
+        _check_model(service, data.model)
         encoding_format = data.encoding_format if data.encoding_format in ("float", "base64") else "float"
         limit = runtime.settings.max_image_bytes
         items: list[str | Reference] = []
@@ -155,5 +177,5 @@ class EmbeddingsController(Controller):
             content = await upload.read(limit + 1)
             await upload.close()
             items.append(InlineReference(content, upload.filename or f"file-{index}"))
-        embeddings = await runtime.service.embed_images(items, _current_span())
-        return _respond(runtime, embeddings, encoding_format, "image")
+        embeddings = await service.embed_images(items, _current_span())
+        return _respond(service, embeddings, encoding_format, "image")

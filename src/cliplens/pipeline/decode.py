@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +67,19 @@ class DecodedImage:
         return (int(self.pixels.shape[1]), int(self.pixels.shape[0]))
 
 
+def _open_header(data: bytes, image_format: str) -> Image.Image:
+    """Pillow's reader for `image_format`, on the header only (no pixel is decoded yet).
+
+    The format's plugin is called directly instead of through `Image.open`, whose own bomb check
+    (Pillow's process-wide `MAX_IMAGE_PIXELS`, 89 MP) would override the `max_pixels` setting, and
+    could only be made an error by changing the process-wide warning filters from many decode
+    threads at once (`warnings.catch_warnings` is not thread-safe). The cap is checked right after.
+    """
+    Image.init()
+    factory, _ = Image.OPEN[image_format]
+    return factory(io.BytesIO(data), "")
+
+
 def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """Open the header only, after the signature check, and enforce the pixel cap."""
     if not data:
@@ -78,12 +91,8 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
             f"the bytes are not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[image_format])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ItemError(ErrorCode.TOO_LARGE, f"the image declares too many pixels: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        image = _open_header(data, image_format)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, KeyError, struct.error) as exc:
         raise ItemError(ErrorCode.DECODE_FAILED, f"the {image_format} header is unreadable: {exc}") from None
     width, height = image.size
     if width <= 0 or height <= 0:
@@ -99,22 +108,42 @@ def decode_on_device(data: bytes, device: torch.device, min_side: int, max_pixel
     """Decode a JPEG with torchvision on `device` (nvJPEG on CUDA); anything else via Pillow.
 
     The header checks (signature, pixel cap) are the same as `decode_image`'s, done before any
-    pixel is decoded. EXIF orientation is applied by the decoder.
+    pixel is decoded. Two things the device decoder does not do are done here: EXIF orientation
+    (torchvision ignores `apply_exif_orientation` on CUDA) is read from the header and applied to
+    the tensor, and a file that does not end with its EOI marker goes to Pillow, because nvJPEG
+    decodes even 5% of a JPEG without an error (the rest comes out grey) where Pillow refuses it.
     """
     image, image_format = _open_checked(data, max_pixels)
     with image:
         size, mode = image.size, image.mode
-    if image_format != "JPEG" or mode not in ("RGB", "L"):
+        try:
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+        except (SyntaxError, ValueError, TypeError, OSError, struct.error):
+            orientation = 0
+    complete = data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+    if image_format != "JPEG" or mode not in ("RGB", "L") or not complete or orientation not in _ORIENT:
         return decode_image(data, min_side, max_pixels)
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
     except RuntimeError:
         return decode_image(data, min_side, max_pixels)
-    return DecodedImage(pixels, image_format, size)
+    return DecodedImage(_ORIENT[orientation](pixels).contiguous(), image_format, size)
+
+
+_EXIF_ORIENTATION = 0x0112
+_ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    1: lambda t: t,
+    2: lambda t: t.flip(-1),
+    3: lambda t: t.flip(-2, -1),
+    4: lambda t: t.flip(-2),
+    5: lambda t: t.transpose(-2, -1),
+    6: lambda t: torch.rot90(t, -1, dims=(-2, -1)),
+    7: lambda t: t.transpose(-2, -1).flip(-2, -1),
+    8: lambda t: torch.rot90(t, 1, dims=(-2, -1)),
+}
+"""EXIF orientation -> the transform that shows a (channels, height, width) image upright, as
+Pillow's `ImageOps.exif_transpose` does; any other value sends the image to the Pillow path."""
 
 
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from cliplens.pipeline.errors import ErrorCode, ItemError
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"^{_OCTET}(?:\.{_OCTET}){{3}}$")
+_GOOGLE = re.compile(r"g[o0][o0]gle")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DATA_URI = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*);base64,", re.IGNORECASE)
@@ -59,10 +62,19 @@ Reference = GcsReference | LocalReference | InlineReference
 
 
 def validate_bucket(bucket: str) -> None:
-    """Raise `invalid_reference` unless `bucket` is a valid GCS bucket name."""
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket or bucket.startswith("goog"):
-        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{bucket!r} is not a valid bucket name")
-    if len(bucket) > 63 and "." not in bucket:
+    """Raise `invalid_reference` unless `bucket` is a valid GCS bucket name.
+
+    GCS's rules: 3-63 characters of `a-z 0-9 - _ .`, starting and ending with a letter or digit;
+    with dots, up to 222 characters in dot-separated parts of 1-63; not an IPv4 address; not
+    starting with `goog`, not containing `google` or a close misspelling of it.
+    """
+    if (
+        not _BUCKET.fullmatch(bucket)
+        or any(not 1 <= len(part) <= 63 for part in bucket.split("."))
+        or _IPV4.fullmatch(bucket)
+        or bucket.startswith("goog")
+        or _GOOGLE.search(bucket)
+    ):
         raise ItemError(ErrorCode.INVALID_REFERENCE, f"{bucket!r} is not a valid bucket name")
 
 

@@ -163,6 +163,13 @@ class EmbeddingService:
         if self._http_session is not None:
             await self._http_session.close()
 
+    def check_capacity(self) -> None:
+        """Raise Overloaded when no image at all can be admitted now (checked before a body is read)."""
+        limit = self.settings.max_images_in_flight
+        if self.images_in_flight >= limit:
+            self.metrics.rejected_requests_total.labels("overloaded").inc()
+            raise Overloaded(1, self.images_in_flight, limit)
+
     def _admit(self, count: int) -> None:
         limit = self.settings.max_images_in_flight
         if self.images_in_flight and self.images_in_flight + count > limit:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from gcloud.aio.storage import Storage
@@ -23,17 +25,26 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from cliplens.pipeline.errors import ErrorCode, ItemError
-from cliplens.pipeline.references import GcsReference, InlineReference, LocalReference, Reference
+from cliplens.pipeline.references import (
+    GcsReference,
+    InlineReference,
+    LocalReference,
+    Reference,
+    validate_bucket,
+    validate_object_name,
+)
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
 PUBLIC_API_ROOT = "https://www.googleapis.com"
-_BACKOFF = wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1)
+_BACKOFF = wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1)
+"""0.1 s, 0.2 s, 0.4 s ... up to 2 s, plus up to 0.1 s of jitter, so retries from many items spread out."""
 
 
 class LocalDirectorySource:
@@ -52,26 +63,43 @@ class LocalDirectorySource:
             raise ItemError(ErrorCode.FORBIDDEN, "absolute paths are not allowed")
         if ".." in relative.parts or "\\" in name:
             raise ItemError(ErrorCode.FORBIDDEN, "the name may not leave the image directory")
-        path = (self.root / relative).resolve()
+        try:
+            path = (self.root / relative).resolve()
+        except (OSError, RuntimeError):
+            # RuntimeError: a symlink loop (Python < 3.13 raises it from resolve)
+            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} does not resolve to a file") from None
         if not path.is_relative_to(self.root):
             raise ItemError(ErrorCode.FORBIDDEN, "the name resolves outside the image directory")
         return path
 
     def read(self, name: str) -> bytes:
-        """Read the file (blocking: call it off the event loop)."""
+        """Read the file (blocking: call it off the event loop).
+
+        Only a regular file is read: opened without blocking (a FIFO would otherwise hang the
+        thread for good) and without following a symlink swapped in after `resolve`.
+        """
         path = self.resolve(name)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            with path.open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > self.max_bytes:
-                    raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
-                return handle.read(self.max_bytes + 1)
-        except FileNotFoundError:
-            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} does not exist") from None
-        except IsADirectoryError:
-            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} is a directory") from None
+            fd = os.open(path, flags)
         except PermissionError:
             raise ItemError(ErrorCode.FORBIDDEN, f"{name!r} is not readable") from None
+        except OSError:
+            # missing, a path through a file (ENOTDIR), too long, a symlink loop (ELOOP)
+            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} does not exist") from None
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} is not a regular file")
+            if status.st_size > self.max_bytes:
+                raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                data = handle.read(self.max_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > self.max_bytes:
+            raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
+        return data
 
 
 class _Transient(ItemError):
@@ -91,6 +119,39 @@ def _retry_after(headers: Mapping[str, str] | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+_ERROR_BODY_BYTES = 16 * 1024
+"""The most of an error response's body read (for its message); the rest is never downloaded."""
+
+
+class _BoundedErrorBodies:
+    """The session gcloud-aio downloads through, which reads at most a little of an error's body.
+
+    gcloud-aio reads the whole body of an error response into memory to put it in the exception's
+    message, before any byte cap of ours applies: a storage endpoint (or a proxy in front of it)
+    answering 5xx with an endless body would be buffered for as long as the download timeout.
+    Here the error is raised from the first `_ERROR_BODY_BYTES`, and the connection is closed.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def get(self, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        response = await self._session.get(url, **kwargs)
+        if response.status < 400:
+            return response
+        try:
+            body = await response.content.read(_ERROR_BODY_BYTES)
+        finally:
+            response.close()
+        raise aiohttp.ClientResponseError(
+            response.request_info,
+            response.history,
+            status=response.status,
+            message=f"{response.reason}: {body.decode('utf-8', 'replace')}",
+            headers=response.headers,
+        )
 
 
 class GcsSource:
@@ -116,13 +177,20 @@ class GcsSource:
         else:
             root = emulator_host if "://" in emulator_host else f"http://{emulator_host}"
             self.storage = Storage(session=session, api_root=root, api_is_dev=True)  # type: ignore[arg-type]
+        self.downloads = _BoundedErrorBodies(session)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.retries = retries
         self.on_retry = on_retry
 
     async def read(self, reference: GcsReference, deadline: float | None = None) -> bytes:
-        """The object's bytes; `deadline` (time.monotonic) bounds every attempt and every backoff."""
+        """The object's bytes; `deadline` (time.monotonic) bounds every attempt and every backoff.
+
+        The names are validated again here, whoever built the reference: gcloud-aio puts the bucket
+        into the URL unescaped, so a bucket with `/`, `?` or `#` would read another object.
+        """
+        validate_bucket(reference.bucket)
+        validate_object_name(reference.name)
         budget = self.timeout_s * (self.retries + 1) if deadline is None else deadline - time.monotonic()
 
         def wait(state: RetryCallState) -> float:
@@ -161,6 +229,7 @@ class GcsSource:
                 reference.bucket,
                 reference.name,
                 timeout=timeout_s,  # type: ignore[arg-type]
+                session=self.downloads,  # type: ignore[arg-type]
             )
             async with stream:
                 if stream.content_length > self.max_bytes:
