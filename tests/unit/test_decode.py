@@ -1,6 +1,4 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ from PIL import Image
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.pipeline.decode import BACKGROUND, decode_image, sniff_format
 from cliplens.pipeline.errors import ErrorCode, ItemError
+from tests.hostile_bytes import jpeg_claiming, png_claiming
 
 MIN_SIDE = 448
 MAX_PIXELS = 100_000_000
@@ -24,26 +23,6 @@ def code_of(data: bytes) -> ErrorCode:
     with pytest.raises(ItemError) as caught:
         decode_image(data, MIN_SIDE, MAX_PIXELS)
     return caught.value.code
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    data = bytearray(encode_jpeg(render_photo(1, 64, 48)))
-    sof = data.find(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
 
 
 def test_a_12mp_jpeg_is_decoded_in_the_dct_domain_but_keeps_enough_pixels() -> None:
@@ -106,7 +85,7 @@ def test_an_animated_gif_gives_its_first_frame() -> None:
         (bytes(range(256)) * 4, ErrorCode.UNSUPPORTED_FORMAT),
         (b"<!DOCTYPE html><html><body>Not Found</body></html>", ErrorCode.UNSUPPORTED_FORMAT),
         (encode_jpeg(render_photo(0, 300, 200))[:2000], ErrorCode.DECODE_FAILED),
-        (png_header_only(25_000, 25_000), ErrorCode.TOO_LARGE),
+        (png_claiming(25_000, 25_000), ErrorCode.TOO_LARGE),
         (jpeg_claiming(60_000, 60_000), ErrorCode.TOO_LARGE),
     ],
     ids=["empty", "random", "html", "truncated-jpeg", "png-bomb", "jpeg-bomb"],
