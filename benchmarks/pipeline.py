@@ -383,7 +383,7 @@ def main() -> None:
     mix = {"2mp": 1.0} if args.tiny else {"12mp": 0.5, "2mp": 0.5}
     print(f"generating {args.photos} photos in {mixed_dir} ...", flush=True)
     mixed = sorted(p.name for p in generate(mixed_dir, args.photos, mix, workers=usable_cpus()))
-    small = [name for name in mixed if "2mp" in name]
+    small = [name for name in mixed if name.endswith("-2mp.jpg")]
     scenarios = [
         ("1 image", Scenario(1), mixed),
         (f"{args.images} images", Scenario(args.images), mixed),
