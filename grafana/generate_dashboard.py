@@ -60,17 +60,10 @@ class Scope:
         return f"max by ({self.label}) ({self.series('_max_seconds')})"
 
     def mean(self) -> str:
-        by = f"sum by ({self.label})"
-        return (
-            f"{by} (rate({self.series('_seconds_sum')}[$__rate_interval]))"
-            f" / {by} (rate({self.series('_seconds_count')}[$__rate_interval]))"
-        )
+        return self._mean("rate", "$__rate_interval")
 
     def quantile(self, q: float) -> str:
-        return (
-            f"histogram_quantile({q}, sum by ({self.label}, le) "
-            f"(rate({self.series('_seconds_bucket')}[$__rate_interval])))"
-        )
+        return self._quantile(q, "rate", "$__rate_interval")
 
     def range_minimum(self) -> str:
         return f"min by ({self.label}) (min_over_time({self.series('_min_seconds')}[$__range]))"
@@ -82,16 +75,23 @@ class Scope:
         return f"sum by ({self.label}) (increase({self.series('_seconds_count')}[$__range]))"
 
     def range_mean(self) -> str:
-        by = f"sum by ({self.label})"
-        return (
-            f"{by} (increase({self.series('_seconds_sum')}[$__range]))"
-            f" / {by} (increase({self.series('_seconds_count')}[$__range]))"
-        )
+        return self._mean("increase", "$__range")
 
     def range_quantile(self, q: float) -> str:
+        return self._quantile(q, "increase", "$__range")
+
+    def _mean(self, function: str, window: str) -> str:
+        """Summed over replicas before dividing: the mean of all observations, not of means."""
+        by = f"sum by ({self.label})"
+        return (
+            f"{by} ({function}({self.series('_seconds_sum')}[{window}]))"
+            f" / {by} ({function}({self.series('_seconds_count')}[{window}]))"
+        )
+
+    def _quantile(self, q: float, function: str, window: str) -> str:
         return (
             f"histogram_quantile({q}, sum by ({self.label}, le) "
-            f"(increase({self.series('_seconds_bucket')}[$__range])))"
+            f"({function}({self.series('_seconds_bucket')}[{window}])))"
         )
 
 
