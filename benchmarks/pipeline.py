@@ -49,6 +49,7 @@ from cliplens.experiment.corpus import generate
 from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.load import RequestRecord, Scenario, run_scenario
 from cliplens.experiment.machine import describe
+from cliplens.experiment.processes import stop_process, wait_until_answering
 from cliplens.pipeline.model import resolve_dtype
 from cliplens.pipeline.service import usable_cpus
 
@@ -152,23 +153,12 @@ def server(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        problem = wait_until_answering(f"{url}/readyz", process, 600, poll_s=0.2)
+        if problem:
+            raise RuntimeError(f"server {problem}; see {log}")
         yield url, process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, 60)
 
 
 async def _drive(url: str, scenario: Scenario, photos: list[str]) -> tuple[list[RequestRecord], float]:

@@ -14,20 +14,15 @@ A missing `haproxy` binary fails (scripts/test installs Debian's package): nothi
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import httpx
-
-from tests.servers import free_port
+from cliplens.experiment.processes import stop_process, wait_until_answering
+from tests.servers import child_environment, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_HAPROXY = ROOT / "deploy" / "compose" / "haproxy.cfg"
@@ -47,9 +42,7 @@ class ServeProcess:
 
     def start(self) -> ServeProcess:
         """Start the process; `wait_ready` waits for its model."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_"))}
-        env.pop("STORAGE_EMULATOR_HOST", None)
-        env.update(self.environment)
+        env = child_environment(**self.environment)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -72,28 +65,15 @@ class ServeProcess:
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited: {self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not ready in {timeout_s} s: {self.log_path.read_text()[-3000:]}")
+        problem = wait_until_answering(f"{self.url}/readyz", self.process, timeout_s)
+        if problem:
+            raise AssertionError(f"{self.name} {problem}: {self.log_path.read_text()[-3000:]}")
 
     def stop(self, timeout_s: float = 30) -> int | None:
         """SIGTERM (the drain a pod gets), then the exit status; killed if it does not exit in time."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        status = self.process.returncode
+        status = stop_process(self.process, timeout_s)
         self.process = None
         return status
 
@@ -157,22 +137,12 @@ class Haproxy:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"haproxy exited: {self.log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise AssertionError(f"haproxy not answering in {timeout_s} s: {self.log_path.read_text()[-2000:]}")
+        problem = wait_until_answering(f"{self.url}/readyz", self.process, timeout_s)
+        if problem:
+            raise AssertionError(f"haproxy {problem}: {self.log_path.read_text()[-2000:]}")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10)
         self.process = None

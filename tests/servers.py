@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import os
 import threading
 import time
 from concurrent import futures
@@ -22,6 +23,14 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from cliplens.experiment.fakegcs import FakeGcsServer
 from cliplens.experiment.inprocess import free_port
+
+
+def child_environment(**settings: str) -> dict[str, str]:
+    """This process's environment for a child `cliplens` process: without any cliplens,
+    OpenTelemetry or storage-emulator setting of the caller's shell, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
+    env.update(settings)
+    return env
 
 
 class FakeGcs(FakeGcsServer):

@@ -28,7 +28,7 @@ from cliplens.experiment.inprocess import InProcessService
 from cliplens.experiment.latency import LatencyProxy
 from cliplens.settings import Settings
 from tests.conftest import BUCKET
-from tests.servers import FakeGcs
+from tests.servers import FakeGcs, child_environment
 
 STAGES = ("load", "decode", "preprocess", "embed")
 SCENARIOS = {"1x1": (1, 1), "4x3": (4, 3)}
@@ -48,9 +48,7 @@ class Run:
 
 
 def _env(tiny_model: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
-    env.update(CLIPLENS_MODEL=tiny_model, CLIPLENS_PRETRAINED="none", CLIPLENS_CPU_WORKERS="2")
-    return env
+    return child_environment(CLIPLENS_MODEL=tiny_model, CLIPLENS_PRETRAINED="none", CLIPLENS_CPU_WORKERS="2")
 
 
 def _cliplens(tiny_model: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -29,9 +29,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.experiment.processes import stop_process, wait_until_answering
 from tests.faulty_gcs import FaultyGcs, Reset, Serve, Status, Trickle, gzip_bomb
 from tests.integration.test_hostile import HOSTILE_FILES
-from tests.servers import free_port
+from tests.servers import child_environment, free_port
 
 BUCKET = "photos"
 
@@ -69,10 +70,7 @@ class Service:
 @contextmanager
 def serving(tiny_model: str, tmp_path: Path, **env: str) -> Iterator[Service]:
     port = free_port()
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))
-    }
-    environment.update(
+    environment = child_environment(
         CLIPLENS_MODEL=tiny_model,
         CLIPLENS_PRETRAINED="none",
         CLIPLENS_CPU_WORKERS="2",
@@ -90,25 +88,11 @@ def serving(tiny_model: str, tmp_path: Path, **env: str) -> Iterator[Service]:
         )
     service = Service(process, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "not ready in 120 s"
-            try:
-                if httpx.get(f"{service.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        problem = wait_until_answering(f"{service.url}/readyz", process, 120)
+        assert problem is None, f"{problem}: {log.read_text()[-3000:]}"
         yield service
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 30)
 
 
 def log_problems(service: Service) -> list[str]:

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import pytest
 import yaml
 
 from cliplens.experiment.inprocess import InProcessService
+from cliplens.experiment.processes import stop_process, wait_until_answering
 from cliplens.settings import Settings
 from cliplens.telemetry.metrics import LATENCY_BUCKETS
 from tests.conftest import BUCKET
@@ -122,26 +122,14 @@ class PrometheusServer:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"prometheus not ready in 30 s: {self.log_path.read_text()[-2000:]}")
+        problem = wait_until_answering(f"{self.url}/-/ready", self.process, 30, request_timeout_s=1)
+        if problem:
+            raise AssertionError(f"prometheus {problem}: {self.log_path.read_text()[-2000:]}")
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10)
         self.process = None
 
     def api(self, path: str, **params: str) -> Any:
@@ -391,39 +379,46 @@ def test_request_stage_min_max_mean_match_server_timing_at_every_level(run: Run)
     scrapes_ok = prometheus.value(f'min_over_time(up{{job="cliplens"}}[{whole_run}])', run.end)
     assert scrapes_ok == 1, "a scrape of the service failed during the load: extremes may be missed"
     for level in run.levels:
-        images = [s for s in level.sent if s.modality == "image"]
-        for stage in STAGES:
-            seen = [s.stages_s[stage] for s in images if stage in s.stages_s]
-            assert seen, f"level {level.concurrency}: no {stage} in Server-Timing"
-            selector = f'{{stage="{stage}"}}'
-            low = prometheus.value(
-                f"min(min_over_time(cliplens_request_stage_min_seconds{selector}[{span(level)}]))",
-                level.ended,
-            )
-            high = prometheus.value(
-                f"max(max_over_time(cliplens_request_stage_max_seconds{selector}[{span(level)}]))",
-                level.ended,
-            )
-            what = f"level {level.concurrency}, {stage}"
-            assert low == pytest.approx(min(seen), abs=HEADER_TOLERANCE_S), what
-            assert high == pytest.approx(max(seen), abs=HEADER_TOLERANCE_S), what
-            count = _delta(prometheus, f"sum(cliplens_request_stage_seconds_count{selector})", level)
-            total = _delta(prometheus, f"sum(cliplens_request_stage_seconds_sum{selector})", level)
-            assert count == len(seen), what
-            assert total / count == pytest.approx(sum(seen) / len(seen), abs=HEADER_TOLERANCE_S), what
+        assert_request_stages_match(prometheus, level)
         for modality in ("image", "text"):
             seen = [s.stages_s["total"] for s in level.sent if s.modality == modality]
-            selector = f'{{modality="{modality}"}}'
             what = f"level {level.concurrency}, whole {modality} request"
-            low = prometheus.value(
-                f"min(min_over_time(cliplens_request_min_seconds{selector}[{span(level)}]))", level.ended
+            assert_family_matches(
+                prometheus, "cliplens_request", f'{{modality="{modality}"}}', level, seen, what, mean=False
             )
-            high = prometheus.value(
-                f"max(max_over_time(cliplens_request_max_seconds{selector}[{span(level)}]))", level.ended
-            )
-            assert low == pytest.approx(min(seen), abs=HEADER_TOLERANCE_S), what
-            assert high == pytest.approx(max(seen), abs=HEADER_TOLERANCE_S), what
-            assert _delta(prometheus, f"sum(cliplens_request_seconds_count{selector})", level) == len(seen)
+
+
+def assert_request_stages_match(prometheus: PrometheusServer, level: Level) -> None:
+    """Per request stage, over one level: Prometheus's min, max, count and mean equal Server-Timing's."""
+    images = [s for s in level.sent if s.modality == "image"]
+    for stage in STAGES:
+        seen = [s.stages_s[stage] for s in images if stage in s.stages_s]
+        assert seen, f"level {level.concurrency}: no {stage} in Server-Timing"
+        what = f"level {level.concurrency}, {stage}"
+        assert_family_matches(prometheus, "cliplens_request_stage", f'{{stage="{stage}"}}', level, seen, what)
+
+
+def assert_family_matches(
+    prometheus: PrometheusServer,
+    family: str,
+    selector: str,
+    level: Level,
+    seen: list[float],
+    what: str,
+    tolerance: float = HEADER_TOLERANCE_S,
+    mean: bool = True,
+) -> None:
+    """`family`'s exact min and max gauges, and its histogram's count (and mean), summed over every
+    series that `selector` picks, equal what the client saw (`seen`, seconds) during `level`."""
+    low = prometheus.value(f"min(min_over_time({family}_min_seconds{selector}[{span(level)}]))", level.ended)
+    high = prometheus.value(f"max(max_over_time({family}_max_seconds{selector}[{span(level)}]))", level.ended)
+    assert low == pytest.approx(min(seen), abs=tolerance), what
+    assert high == pytest.approx(max(seen), abs=tolerance), what
+    count = _delta(prometheus, f"sum({family}_seconds_count{selector})", level)
+    assert count == len(seen), what
+    if mean:
+        total = _delta(prometheus, f"sum({family}_seconds_sum{selector})", level)
+        assert total / count == pytest.approx(sum(seen) / len(seen), abs=tolerance), what
 
 
 def _delta(prometheus: PrometheusServer, expr: str, level: Level) -> float:
@@ -441,20 +436,10 @@ def test_per_image_work_and_wait_extremes_match_the_response_timings_at_every_le
         ):
             for stage in stages:
                 seen = [image[stage][key] for image in per_image if stage in image]
-                selector = f'{{stage="{stage}"}}'
                 what = f"level {level.concurrency}, {family} {stage}"
-                low = prometheus.value(
-                    f"min(min_over_time({family}_min_seconds{selector}[{span(level)}]))", level.ended
+                assert_family_matches(
+                    prometheus, family, f'{{stage="{stage}"}}', level, seen, what, BODY_TOLERANCE_S
                 )
-                high = prometheus.value(
-                    f"max(max_over_time({family}_max_seconds{selector}[{span(level)}]))", level.ended
-                )
-                assert low == pytest.approx(min(seen), abs=BODY_TOLERANCE_S), what
-                assert high == pytest.approx(max(seen), abs=BODY_TOLERANCE_S), what
-                count = _delta(prometheus, f"sum({family}_seconds_count{selector})", level)
-                total = _delta(prometheus, f"sum({family}_seconds_sum{selector})", level)
-                assert count == len(seen), what
-                assert total / count == pytest.approx(sum(seen) / len(seen), abs=BODY_TOLERANCE_S), what
 
 
 def range_table(run: Run, dashboard: dict[str, Any], title: str, label: str) -> dict[str, dict[str, float]]:

@@ -384,25 +384,7 @@ def test_cluster_wide_request_stage_min_max_mean_match_server_timing_at_every_le
     failed = prometheus.value(f'min(min_over_time(up{{job="cliplens"}}[{whole_run}]))', run.end)
     assert failed == 1, "a scrape failed during the load: an extreme may be missed"
     for level in run.levels:
-        images = [s for s in level.sent if s.modality == "image"]
-        for stage in single.STAGES:
-            seen = [s.stages_s[stage] for s in images if stage in s.stages_s]
-            selector = f'{{stage="{stage}"}}'
-            what = f"level {level.concurrency}, {stage}"
-            low = prometheus.value(
-                f"min(min_over_time(cliplens_request_stage_min_seconds{selector}[{single.span(level)}]))",
-                level.ended,
-            )
-            high = prometheus.value(
-                f"max(max_over_time(cliplens_request_stage_max_seconds{selector}[{single.span(level)}]))",
-                level.ended,
-            )
-            assert low == pytest.approx(min(seen), abs=single.HEADER_TOLERANCE_S), what
-            assert high == pytest.approx(max(seen), abs=single.HEADER_TOLERANCE_S), what
-            count = single._delta(prometheus, f"sum(cliplens_request_stage_seconds_count{selector})", level)
-            total = single._delta(prometheus, f"sum(cliplens_request_stage_seconds_sum{selector})", level)
-            assert count == len(seen), what
-            assert total / count == pytest.approx(sum(seen) / len(seen), abs=single.HEADER_TOLERANCE_S), what
+        single.assert_request_stages_match(prometheus, level)
 
 
 def test_cluster_wide_per_image_work_and_wait_match_the_response_timings_at_every_level(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,8 +14,9 @@ import pytest
 from openai import OpenAI
 
 from cliplens.experiment.inprocess import InProcessService
+from cliplens.experiment.processes import wait_until_answering
 from cliplens.settings import Settings
-from tests.servers import free_port
+from tests.servers import child_environment, free_port
 
 
 def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -> None:
@@ -51,8 +50,7 @@ def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
-    env.update(
+    env = child_environment(
         CLIPLENS_MODEL=settings.model,
         CLIPLENS_PRETRAINED=settings.pretrained,
         CLIPLENS_IMAGE_ROOT=str(settings.image_root),
@@ -76,14 +74,8 @@ def test_cliplens_serve_logs_json_lines_and_stops_cleanly_on_sigterm(
         )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        problem = wait_until_answering(f"{url}/readyz", process, 120)
+        assert problem is None, f"{problem}: {log_path.read_text()[-3000:]}"
         response = httpx.post(f"{url}/v1/embeddings", json={"input": ["album/1/a.jpg"]}, timeout=60)
         assert response.status_code == 200
     finally:

@@ -27,7 +27,7 @@ from cliplens.pipeline.sources import GcsSource
 from cliplens.settings import Settings
 from tests.conftest import running
 from tests.faulty_gcs import Endless, FaultyGcs, Reset, Serve, Status, Trickle, gzip_bomb
-from tests.servers import FakeGcs, free_port
+from tests.servers import FakeGcs, child_environment, free_port
 
 Client = TestClient  # type: ignore[type-arg]
 BUCKET = "photos"
@@ -288,8 +288,7 @@ def test_an_emulator_host_in_the_environment_never_turns_off_authentication(
 
 
 def test_serve_refuses_to_start_with_an_emulator_host_unless_allowed(tiny_model: str) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
-    env.update(
+    env = child_environment(
         CLIPLENS_MODEL=tiny_model,
         CLIPLENS_PRETRAINED="none",
         CLIPLENS_DEFAULT_BUCKET=BUCKET,

@@ -8,18 +8,16 @@ hundred requests.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.resources
 import platform
-import signal
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 
 from cliplens.experiment.inprocess import free_port
+from cliplens.experiment.processes import stop_process, wait_until_answering
 
 _ARCHITECTURES = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
@@ -79,18 +77,13 @@ class FakeGcsServer:
                 stdout=log,
                 stderr=log,
             )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise FakeGcsUnavailable(f"fake-gcs-server exited at start: see {self.log_path}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/storage/v1/b", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise FakeGcsUnavailable(
-            f"fake-gcs-server did not answer within {timeout_s:.0f} s: see {self.log_path}"
+        problem = wait_until_answering(
+            f"{self.url}/storage/v1/b", self.process, timeout_s, poll_s=0.05, request_timeout_s=1
         )
+        if problem is None:
+            return self
+        self.stop()
+        raise FakeGcsUnavailable(f"fake-gcs-server {problem} at start: see {self.log_path}")
 
     def create_bucket(self, name: str) -> None:
         """Create a bucket (already there is fine); the GCS JSON API has no client call for it here."""
@@ -99,13 +92,8 @@ class FakeGcsServer:
             response.raise_for_status()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 5)
         self.process = None
 
     def __enter__(self) -> FakeGcsServer:
