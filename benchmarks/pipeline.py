@@ -52,9 +52,10 @@ from cliplens.experiment.machine import describe
 from cliplens.experiment.processes import stop_process, wait_until_answering
 from cliplens.pipeline.model import resolve_dtype
 from cliplens.pipeline.service import usable_cpus
+from cliplens.vocabulary import Stage
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("load", "decode", "preprocess", "embed")
+STAGES = tuple(stage.value for stage in Stage)
 TINY_CONFIG = {
     "model_cfg": {
         "embed_dim": 32,

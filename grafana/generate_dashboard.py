@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cliplens.vocabulary import Stage
+
 Json = dict[str, Any]
 
 OUTPUT = Path(__file__).parent / "dashboards" / "cliplens-stage-latency.json"
 PROMETHEUS: Json = {"type": "prometheus", "uid": "cliplens-prometheus"}
 JAEGER_UI = "http://localhost:16686"
-STAGES = ("load", "decode", "preprocess", "embed")
+STAGES = tuple(stage.value for stage in Stage)
 QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
 INSTANCE = 'instance=~"$instance"'
 OK = 'outcome="ok",'

@@ -33,8 +33,9 @@ from tests.conftest import TINY_ARCHITECTURE  # noqa: E402
 from tests.replicas import Haproxy, start_replicas  # noqa: E402
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo  # noqa: E402
+from cliplens.vocabulary import Stage  # noqa: E402
 
-STAGES = ("load", "decode", "preprocess", "embed", "total")
+STAGES = (*(stage.value for stage in Stage), "total")
 
 
 def photos(folder: Path, count: int, width: int, height: int) -> list[str]:

@@ -19,16 +19,9 @@ from cliplens.pipeline.service import EmbeddingService
 from cliplens.settings import Settings
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.tracing import build_tracer_provider, start_export
+from cliplens.vocabulary import NotReady, ShuttingDown
 
 log = logging.getLogger(__name__)
-
-
-class NotReady(RuntimeError):
-    """The model is still loading (or failed to load)."""
-
-
-class ShuttingDown(RuntimeError):
-    """SIGTERM arrived: in-flight requests finish, new ones are refused."""
 
 
 class Runtime:
@@ -60,8 +53,9 @@ class Runtime:
     def service(self) -> EmbeddingService:
         """The service, for a new request; raises NotReady or ShuttingDown when there is none to give."""
         if self.draining:
-            self.metrics.rejected_requests_total.labels("shutting_down").inc()
-            raise ShuttingDown("the service is shutting down; retry on another replica")
+            error = ShuttingDown()
+            self.metrics.rejected_requests_total.labels(error.code).inc()
+            raise error
         if self._service is None:
             reason = f": {self.load_error}" if self.load_error else ""
             raise NotReady(f"the model is not loaded yet{reason}")

@@ -369,7 +369,7 @@ def test_the_pixel_cap_is_the_setting_not_pillows_own_limit(settings_hostile: Se
 BOMB_PROBE = """
 import json, pathlib, sys
 from cliplens.pipeline.decode import decode_image
-from cliplens.pipeline.errors import ItemError
+from cliplens.vocabulary import ItemError
 
 def peak_since_reset_kib():
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():

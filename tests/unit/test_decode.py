@@ -6,7 +6,7 @@ from PIL import Image
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.pipeline.decode import BACKGROUND, decode_image, sniff_format
-from cliplens.pipeline.errors import ErrorCode, ItemError
+from cliplens.vocabulary import ErrorCode, ItemError
 from tests.hostile_bytes import jpeg_claiming, png_claiming
 
 MIN_SIDE = 448

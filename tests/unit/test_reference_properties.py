@@ -26,7 +26,6 @@ import yarl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.references import (
     GcsReference,
     InlineReference,
@@ -36,6 +35,7 @@ from cliplens.pipeline.references import (
     validate_object_name,
 )
 from cliplens.pipeline.sources import GcsSource, LocalDirectorySource
+from cliplens.vocabulary import ErrorCode, ItemError
 
 ALLOWED = frozenset({"photos", "my.archive.example", "a_b-c"})
 CAP = 4096

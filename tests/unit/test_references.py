@@ -2,8 +2,8 @@ import base64
 
 import pytest
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.references import GcsReference, InlineReference, LocalReference, ReferenceParser
+from cliplens.vocabulary import ErrorCode, ItemError
 
 
 def parser(default_bucket: str | None = None, local: bool = True) -> ReferenceParser:

@@ -15,7 +15,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from cliplens.api.errors import unauthorized
+from cliplens.vocabulary import RequestError, RequestErrorCode
 
 
 def _digest(token: str) -> bytes:
@@ -38,4 +38,6 @@ def require_token(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseR
         return
     scheme, _, presented = connection.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token_matches(presented.strip(), tokens):
-        raise unauthorized()
+        raise RequestError(
+            RequestErrorCode.UNAUTHORIZED, "a valid bearer token is required (Authorization: Bearer <token>)"
+        )

@@ -18,11 +18,12 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody, MultipartBody
 from opentelemetry import trace
 
-from cliplens.api.errors import empty_input, too_many_items, trace_headers, unknown_model
+from cliplens.api.errors import trace_headers
 from cliplens.api.schemas import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
+    EncodingFormat,
     ItemErrorBody,
     ItemTimings,
     StageTime,
@@ -32,6 +33,7 @@ from cliplens.pipeline.references import InlineReference, Reference
 from cliplens.pipeline.service import Embeddings, EmbeddingService
 from cliplens.runtime import Runtime
 from cliplens.settings import Settings
+from cliplens.vocabulary import Modality, RequestError, RequestErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,10 @@ class UploadForm:
 
     files: list[UploadFile] = field(default_factory=list)
     model: str | None = None
-    encoding_format: str = "float"
+    encoding_format: EncodingFormat = "float"
 
 
-def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return [float(v) for v in np.asarray(vector, dtype=np.float32)]
@@ -54,21 +56,31 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
 def _check_model(service: EmbeddingService, asked: str | None) -> None:
     served = service.model
     if asked is not None and asked not in (served.id, served.architecture):
-        raise unknown_model(asked, served.id)
+        raise _unknown_model(asked, served.id)
+
+
+def _unknown_model(asked: str, served: str) -> RequestError:
+    return RequestError(
+        RequestErrorCode.MODEL_NOT_FOUND, f"model {asked!r} is not served here; this serves {served!r}"
+    )
 
 
 def _check_count(settings: Settings, count: int) -> None:
     if count == 0:
-        raise empty_input()
+        raise RequestError(RequestErrorCode.EMPTY_INPUT, "`input` must hold at least one item")
     if count > settings.max_inputs:
-        raise too_many_items(count, settings.max_inputs)
+        raise RequestError(
+            RequestErrorCode.TOO_MANY_ITEMS,
+            f"{count} items is more than the {settings.max_inputs} this service accepts per request "
+            "(CLIPLENS_MAX_INPUTS)",
+        )
 
 
 def _respond(
     service: EmbeddingService,
     embeddings: Embeddings,
-    encoding_format: str,
-    modality: str,
+    encoding_format: EncodingFormat,
+    modality: Modality,
     timings: bool = False,
 ) -> Response[EmbeddingResponse]:
     data: list[EmbeddingData] = []
@@ -87,7 +99,7 @@ def _respond(
                     message=result.error.message,
                 )
             )
-    images = len(data) if modality == "image" else 0
+    images = len(data) if modality is Modality.IMAGE else 0
     body = EmbeddingResponse(
         model=service.model.id,
         data=data,
@@ -151,14 +163,15 @@ class EmbeddingsController(Controller):
         _check_count(runtime.settings, len(items))
         _check_model(service, data.model)
         if data.dimensions is not None and data.dimensions != service.model.dimension:
-            raise unknown_model(
+            raise _unknown_model(
                 f"{data.model or service.model.id} with {data.dimensions} dimensions", service.model.id
             )
-        if data.modality == "text":
+        modality = Modality(data.modality)
+        if modality is Modality.TEXT:
             embeddings = await service.embed_texts(items, _current_span())
         else:
             embeddings = await service.embed_images(list(items), _current_span())
-        return _respond(service, embeddings, data.encoding_format, data.modality, data.timings)
+        return _respond(service, embeddings, data.encoding_format, modality, data.timings)
 
     @post("/upload", status_code=200, summary="Embed uploaded image files", before_request=refuse_early)
     async def upload(
@@ -170,7 +183,6 @@ class EmbeddingsController(Controller):
         service = runtime.service
         _check_count(runtime.settings, len(data.files))
         _check_model(service, data.model)
-        encoding_format = data.encoding_format if data.encoding_format in ("float", "base64") else "float"
         limit = runtime.settings.max_image_bytes
         items: list[str | Reference] = []
         for index, upload in enumerate(data.files):
@@ -178,4 +190,4 @@ class EmbeddingsController(Controller):
             await upload.close()
             items.append(InlineReference(content, upload.filename or f"file-{index}"))
         embeddings = await service.embed_images(items, _current_span())
-        return _respond(service, embeddings, encoding_format, "image")
+        return _respond(service, embeddings, data.encoding_format, Modality.IMAGE)

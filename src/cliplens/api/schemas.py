@@ -10,6 +10,9 @@ from typing import Literal
 
 import msgspec
 
+EncodingFormat = Literal["float", "base64"]
+"""How vectors are returned: JSON floats, or base64 of little-endian float32 (OpenAI's choices)."""
+
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings."""
@@ -17,7 +20,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     input: str | list[str]
     model: str | None = None
     modality: Literal["image", "text"] = "image"
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: EncodingFormat = "float"
     dimensions: int | None = None
     user: str | None = None
     timings: bool = False

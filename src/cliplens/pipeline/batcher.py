@@ -29,8 +29,10 @@ from cliplens.pipeline.model import LoadedModel
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import BatchTiming, StageTiming
+from cliplens.vocabulary import Modality, ShuttingDown
 
 log = logging.getLogger(__name__)
+_STOPPED = "the model worker has stopped: the service is shutting down"
 
 
 @dataclass(eq=False, slots=True)
@@ -39,10 +41,6 @@ class _Pending:
     timing: StageTiming
     request: SpanContext
     future: asyncio.Future[np.ndarray]
-
-
-class BatcherClosed(RuntimeError):
-    """The service is shutting down; no more forward passes."""
 
 
 class Batcher:
@@ -74,7 +72,7 @@ class Batcher:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="cliplens-model-worker")
 
     async def close(self) -> None:
-        """Stop the worker; images still queued fail with BatcherClosed."""
+        """Stop the worker; images still queued fail with ShuttingDown (503)."""
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
@@ -83,7 +81,7 @@ class Batcher:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(BatcherClosed("the service is shutting down"))
+                pending.future.set_exception(ShuttingDown(_STOPPED))
         self._thread.shutdown(wait=True)
 
     @property
@@ -102,7 +100,7 @@ class Batcher:
     async def embed(self, image: torch.Tensor, timing: StageTiming, request: SpanContext) -> np.ndarray:
         """Queue one preprocessed image (announced by `expect`) and wait for its vector."""
         if self._closed:
-            raise BatcherClosed("the service is shutting down")
+            raise ShuttingDown(_STOPPED)
         self._upstream = max(0, self._upstream - 1)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(image, timing, request, future))
@@ -117,7 +115,7 @@ class Batcher:
         chunks = []
         for start in range(0, len(tokens), self.max_batch):
             chunk = tokens[start : start + self.max_batch]
-            batch = BatchTiming(self.tracer, self.metrics, "text", len(chunk), [request])
+            batch = BatchTiming(self.tracer, self.metrics, Modality.TEXT, len(chunk), [request])
             chunks.append(await loop.run_in_executor(self._thread, self._forward_texts, batch, chunk))
             for timing in timings[start : start + self.max_batch]:
                 timing.start(at=batch.started_ns)
@@ -160,13 +158,15 @@ class Batcher:
             items = [item for item in items if not item.future.done()]
             if not items:
                 continue
-            batch = BatchTiming(self.tracer, self.metrics, "image", len(items), [i.request for i in items])
+            batch = BatchTiming(
+                self.tracer, self.metrics, Modality.IMAGE, len(items), [i.request for i in items]
+            )
             try:
                 vectors = await loop.run_in_executor(self._thread, self._forward_images, batch, items)
             except asyncio.CancelledError:
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(BatcherClosed("the service is shutting down"))
+                        item.future.set_exception(ShuttingDown(_STOPPED))
                 raise
             except Exception as exc:
                 log.exception("model forward pass failed", extra={"batch_size": len(items)})

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
+from cliplens.vocabulary import ErrorCode, ItemError
 
 BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited over white, as image viewers show them."""

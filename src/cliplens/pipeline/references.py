@@ -14,7 +14,7 @@ import binascii
 import re
 from dataclasses import dataclass
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
+from cliplens.vocabulary import ErrorCode, ItemError
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"

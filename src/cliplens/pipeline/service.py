@@ -32,7 +32,6 @@ from opentelemetry.trace import SpanContext, Tracer
 
 from cliplens.pipeline.batcher import Batcher
 from cliplens.pipeline.decode import DecodedImage, decode_image, decode_on_device
-from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.pipeline.references import Reference, ReferenceParser
@@ -40,6 +39,7 @@ from cliplens.pipeline.sources import GcsSource, ImageSources, LocalDirectorySou
 from cliplens.settings import Settings
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline, ServerTiming, StageTiming, exemplar_for
+from cliplens.vocabulary import ErrorCode, ItemError, Modality, Overloaded, RequestErrorCode, Stage
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -66,14 +66,6 @@ class Embeddings:
     timing: ServerTiming
     per_image: dict[int, dict[str, tuple[float, float]]]
     """{index: {stage: (queue_ms, work_ms)}}: the same stamps as the spans and histograms."""
-
-
-class Overloaded(Exception):
-    """Admitting the request would exceed the bound on images in flight."""
-
-    def __init__(self, requested: int, in_flight: int, limit: int) -> None:
-        super().__init__(f"{in_flight} images in flight; {requested} more would pass the limit of {limit}")
-        self.requested = requested
 
 
 def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
@@ -167,16 +159,21 @@ class EmbeddingService:
         """Raise Overloaded when no image at all can be admitted now (checked before a body is read)."""
         limit = self.settings.max_images_in_flight
         if self.images_in_flight >= limit:
-            self.metrics.rejected_requests_total.labels("overloaded").inc()
-            raise Overloaded(1, self.images_in_flight, limit)
+            raise self._overloaded(1)
 
     def _admit(self, count: int) -> None:
         limit = self.settings.max_images_in_flight
         if self.images_in_flight and self.images_in_flight + count > limit:
-            self.metrics.rejected_requests_total.labels("overloaded").inc()
-            raise Overloaded(count, self.images_in_flight, limit)
+            raise self._overloaded(count)
         self.images_in_flight += count
         self.metrics.track_in_flight(1, count)
+
+    def _overloaded(self, requested: int) -> Overloaded:
+        self.metrics.rejected_requests_total.labels(RequestErrorCode.OVERLOADED).inc()
+        return Overloaded(
+            f"{self.images_in_flight} images in flight; {requested} more would pass the limit of "
+            f"{self.settings.max_images_in_flight}"
+        )
 
     def _release(self, count: int) -> None:
         self.images_in_flight -= count
@@ -188,7 +185,7 @@ class EmbeddingService:
         Raises Overloaded when the admission bound would be passed.
         """
         self._admit(len(items))
-        timeline = RequestTimeline(self.metrics, "image", request)
+        timeline = RequestTimeline(self.metrics, Modality.IMAGE, request)
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
@@ -227,12 +224,12 @@ class EmbeddingService:
 
     async def embed_texts(self, texts: Sequence[str], request: SpanContext) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the CPU pool, then the model thread."""
-        timeline = RequestTimeline(self.metrics, "text", request)
+        timeline = RequestTimeline(self.metrics, Modality.TEXT, request)
         self.metrics.track_in_flight(1, 0)
         try:
-            tokenize = timeline.enter(0, "preprocess", f"{len(texts)} texts")
+            tokenize = timeline.enter(0, Stage.PREPROCESS, f"{len(texts)} texts")
             tokens = await self._on_cpu(tokenize, self.model.tokenize, texts)
-            timings = [timeline.enter(i, "embed", text) for i, text in enumerate(texts)]
+            timings = [timeline.enter(i, Stage.EMBED, text) for i, text in enumerate(texts)]
             vectors = await self.batcher.embed_texts(tokens, timings, request)
             timing = timeline.finish(self.tracer)
         finally:
@@ -275,17 +272,17 @@ class EmbeddingService:
         """One item through every stage. Until it reaches the model it is `expect`ed by the batcher,
         so every way out before that (error, deadline) withdraws it."""
         label = item if isinstance(item, str) else str(item)
-        timing = timeline.enter(index, "load", label)
+        timing = timeline.enter(index, Stage.LOAD, label)
         queued_for_model = False
         try:
             data = await self._load(timing, item, deadline)
-            timing = timeline.enter(index, "decode", label)
+            timing = timeline.enter(index, Stage.DECODE, label)
             decoded = await self._on_cpu(timing, self._decode, data)
             timing.attributes["width"], timing.attributes["height"] = decoded.original_size
             timing.attributes["format"] = decoded.format
-            timing = timeline.enter(index, "preprocess", label)
+            timing = timeline.enter(index, Stage.PREPROCESS, label)
             image = await self._on_cpu(timing, self.preprocessor, decoded.pixels)
-            timing = timeline.enter(index, "embed", label)
+            timing = timeline.enter(index, Stage.EMBED, label)
             queued_for_model = True
             vector = await self.batcher.embed(image, timing, request)
             return ItemResult(index, label, vector)

@@ -29,7 +29,6 @@ from tenacity import (
     wait_random,
 )
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
 from cliplens.pipeline.references import (
     GcsReference,
     InlineReference,
@@ -38,6 +37,7 @@ from cliplens.pipeline.references import (
     validate_bucket,
     validate_object_name,
 )
+from cliplens.vocabulary import ErrorCode, ItemError
 
 log = logging.getLogger(__name__)
 

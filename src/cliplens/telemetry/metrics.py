@@ -29,14 +29,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cliplens.pipeline.errors import ErrorCode
 from cliplens.telemetry.extremes import WindowedExtremes
+from cliplens.vocabulary import IMAGE_WORK_STAGES, ErrorCode, Modality, RequestErrorCode, Stage
 
-STAGES: tuple[str, ...] = ("load", "decode", "preprocess", "embed")
-IMAGE_WORK_STAGES: tuple[str, ...] = ("load", "decode", "preprocess")
-OUTCOMES: tuple[str, ...] = ("ok", *(code.value for code in ErrorCode))
-MODALITIES: tuple[str, ...] = ("image", "text")
-REJECTIONS: tuple[str, ...] = ("overloaded", "shutting_down")
+OUTCOMES: tuple[str, ...] = ("ok", *ErrorCode)
+REJECTIONS: tuple[RequestErrorCode, ...] = (RequestErrorCode.OVERLOADED, RequestErrorCode.SHUTTING_DOWN)
+"""The request errors counted by `cliplens_rejected_requests_total{reason}` (refused before any work)."""
 RETRY_REASONS: tuple[str, ...] = ("http_429", "http_5xx", "connection", "timeout")
 
 
@@ -192,18 +190,18 @@ class Metrics:
 
     def _initialise_series(self) -> None:
         """Create every bounded label combination at zero, so rates exist before the first error."""
-        for stage in STAGES:
+        for stage in Stage:
             self.request_stage_seconds.labels(stage)
             self.stage_queue_seconds.labels(stage)
         for stage in IMAGE_WORK_STAGES:
             self.image_stage_seconds.labels(stage)
-        for reason in REJECTIONS:
-            self.rejected_requests_total.labels(reason)
+        for rejection in REJECTIONS:
+            self.rejected_requests_total.labels(rejection)
         for reason in RETRY_REASONS:
             self.download_retries_total.labels(reason)
         for outcome in OUTCOMES:
             self.images_total.labels(outcome)
-        for modality in MODALITIES:
+        for modality in Modality:
             self.request_seconds.labels(modality)
             self.embed_batch_size.labels(modality)
             self.embed_batch_seconds.labels(modality)

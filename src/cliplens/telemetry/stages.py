@@ -20,16 +20,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, Tracer
 
-from cliplens.pipeline.errors import ErrorCode, ItemError
-from cliplens.telemetry.metrics import IMAGE_WORK_STAGES, STAGES, Metrics
+from cliplens.telemetry.metrics import Metrics
+from cliplens.vocabulary import ErrorCode, ItemError, Modality, Stage
 
-Stage = Literal["load", "decode", "preprocess", "embed"]
 _MAX_REF_CHARS = 256
 
 
@@ -87,7 +85,7 @@ class StageTiming:
         if self._metrics is None:
             return
         queue_s = (self.started_ns - self.queued_ns) / 1e9
-        work_s = (self.ended_ns - self.started_ns) / 1e9 if self.stage in IMAGE_WORK_STAGES else None
+        work_s = (self.ended_ns - self.started_ns) / 1e9 if self.stage.has_own_work else None
         self._metrics.observe_image_stage(self.stage, work_s, queue_s, self._exemplar)
 
     @contextmanager
@@ -140,7 +138,7 @@ class RequestTimeline:
     and `cliplens_request_seconds{modality="text"}`, but leaves the image stage families alone.
     """
 
-    def __init__(self, metrics: Metrics, modality: str, request_span: SpanContext | None) -> None:
+    def __init__(self, metrics: Metrics, modality: Modality, request_span: SpanContext | None) -> None:
         self._metrics = metrics
         self._modality = modality
         self._request_span = request_span
@@ -156,7 +154,7 @@ class RequestTimeline:
             index=index,
             reference=reference[:_MAX_REF_CHARS],
             queued_ns=now(),
-            _metrics=self._metrics if self._modality == "image" else None,
+            _metrics=self._metrics if self._modality is Modality.IMAGE else None,
             _exemplar=self._exemplar,
         )
         self._timings.append(timing)
@@ -170,21 +168,21 @@ class RequestTimeline:
         """{index: {stage: (queue_ms, work_ms)}} of every finished image timing."""
         table: dict[int, dict[str, tuple[float, float]]] = {}
         for timing in self.timings():
-            table.setdefault(timing.index, {})[timing.stage] = (timing.queue_ms, timing.work_ms)
+            table.setdefault(timing.index, {})[timing.stage.value] = (timing.queue_ms, timing.work_ms)
         return table
 
     def finish(self, tracer: Tracer, parent: Context | None = None) -> ServerTiming:
         """Emit one span per stage under the request span and observe the per-request histograms."""
         ended_ns = now()
         stages_ms: dict[str, float] = {}
-        for stage in STAGES:
-            timings = self.timings(stage)  # type: ignore[arg-type]
+        for stage in Stage:
+            timings = self.timings(stage)
             if not timings:
                 continue
             first = min(t.queued_ns for t in timings)
             last = max(t.ended_ns for t in timings if t.ended_ns is not None)
-            stages_ms[stage] = (last - first) / 1e6
-            if self._modality == "image":
+            stages_ms[stage.value] = (last - first) / 1e6
+            if self._modality is Modality.IMAGE:
                 self._metrics.observe_request_stage(stage, (last - first) / 1e9, self._exemplar)
             self._emit_stage_span(tracer, parent, stage, timings, first, last)
         total_s = (ended_ns - self.started_ns) / 1e9
@@ -195,14 +193,14 @@ class RequestTimeline:
         self,
         tracer: Tracer,
         parent: Context | None,
-        stage: str,
+        stage: Stage,
         timings: Sequence[StageTiming],
         first_ns: int,
         last_ns: int,
     ) -> None:
         links = {(t.link.trace_id, t.link.span_id): t.link for t in timings if t.link is not None}
         span = tracer.start_span(
-            stage,
+            stage.value,
             context=parent,
             kind=SpanKind.INTERNAL,
             start_time=self._clock.wall(first_ns),
@@ -247,7 +245,7 @@ class BatchTiming:
         self,
         tracer: Tracer,
         metrics: Metrics,
-        modality: str,
+        modality: Modality,
         size: int,
         requests: Sequence[SpanContext],
     ) -> None:
@@ -272,7 +270,7 @@ class BatchTiming:
             kind=SpanKind.INTERNAL,
             start_time=self._clock.wall(self.started_ns),
             links=[Link(ctx) for ctx in self._requests],
-            attributes={"cliplens.batch.size": self.size, "cliplens.modality": self._modality},
+            attributes={"cliplens.batch.size": self.size, "cliplens.modality": self._modality.value},
         )
         self.span_context = span.get_span_context()
         try:

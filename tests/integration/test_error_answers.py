@@ -1,0 +1,44 @@
+"""Request errors over HTTP: each refusal is JSON with a code from the one table, never a bare 500."""
+
+from __future__ import annotations
+
+from litestar.testing import TestClient
+
+from tests.conftest import photo_bytes
+
+Client = TestClient  # type: ignore[type-arg]
+
+
+def test_an_unknown_path_and_a_wrong_method_are_json_with_a_code(client: Client) -> None:
+    missing = client.get("/v1/nothing-here")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "route_not_found"
+    wrong = client.get("/v1/embeddings")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_malformed_json_has_the_invalid_body_code(client: Client) -> None:
+    response = client.post(
+        "/v1/embeddings", content=b'{"input": [', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_body"
+
+
+def test_the_upload_route_refuses_an_unknown_encoding_format_like_the_json_route(client: Client) -> None:
+    files = [("files", ("a.jpg", photo_bytes("album/1/a.jpg"), "image/jpeg"))]
+    response = client.post("/v1/embeddings/upload", files=files, data={"encoding_format": "int8"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_body"
+
+
+def test_a_closed_model_worker_answers_503_shutting_down(client: Client) -> None:
+    """Requests that reach the model while it stops get the drain's 503, not a generic 500."""
+    service = client.app.state.runtime.service
+    client.blocking_portal.call(service.batcher.close)
+    response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("shutting_down", "service_unavailable")
+    assert response.headers["retry-after"] == "1"
