@@ -84,6 +84,50 @@ def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
         load_settings({name: value})
 
 
+@pytest.mark.parametrize(
+    "name", ["CLIPLENS_REQUEST_TIMEOUT_S", "CLIPLENS_DOWNLOAD_TIMEOUT_S", "CLIPLENS_EXTREMES_WINDOW_S"]
+)
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_zero_or_negative_deadline_refuses_to_start(name: str, value: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings({name: value})
+    message = str(raised.value)
+    assert message.startswith(f"{name}={value!r}: "), message
+    assert "greater than 0" in message
+    assert "\n" not in message
+
+
+def test_a_zero_shutdown_grace_means_no_grace() -> None:
+    assert load_settings({"CLIPLENS_SHUTDOWN_GRACE_S": "0"}).shutdown_grace_s == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("yes", True), (" On ", True), ("FALSE", False), ("0", False)]
+)
+def test_booleans_take_the_usual_words(value: str, expected: bool) -> None:
+    assert load_settings({"CLIPLENS_GPU_DECODE": value}).gpu_decode is expected
+
+
+def test_every_bad_value_is_named_on_one_line() -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"CLIPLENS_MAX_BATCH": "0", "CLIPLENS_DEVICE": "tpu", "CLIPLENS_MODEL": "ViT-B-16"})
+    message = str(raised.value)
+    assert "CLIPLENS_MAX_BATCH='0'" in message
+    assert "CLIPLENS_DEVICE='tpu'" in message
+    assert "'auto', 'cpu' or 'cuda'" in message, "a bad choice lists the good ones"
+    assert "\n" not in message
+    assert "CLIPLENS_MODEL" not in message
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    assert load_settings({"CLIPLENS_MAX_INPUTS": "", "CLIPLENS_IMAGE_ROOT": " "}) == Settings()
+
+
+def test_the_signal_specific_protocol_wins_over_the_general_one() -> None:
+    both = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    assert load_settings(both).otlp_protocol == "grpc"
+
+
 def test_an_emulator_host_without_the_explicit_opt_in_refuses_to_start() -> None:
     with pytest.raises(SettingsError, match="CLIPLENS_ALLOW_EMULATOR"):
         load_settings({"STORAGE_EMULATOR_HOST": "http://127.0.0.1:4443"})
@@ -93,7 +137,7 @@ def test_an_emulator_host_without_the_explicit_opt_in_refuses_to_start() -> None
 
 
 def test_a_container_cpu_limit_caps_the_cores_used(tmp_path: Path) -> None:
-    from cliplens.pipeline.service import cgroup_cpu_limit
+    from cliplens.machine import cgroup_cpu_limit
 
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("250000 100000\n")
