@@ -23,6 +23,8 @@ WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch torchvision
 COPY pyproject.toml README.md ./
 COPY src ./src
+# The plain package: the server only. The `experiment` extra (demo, experiment: httpx, rich,
+# matplotlib, fake GCS) is not in the image; the compose `photos` step's corpus generator needs none of it.
 # /data: where the compose stack's one-shot `photos` step writes the sample corpus;
 # ~/.cache: open_clip / Hugging Face weights (a named volume in compose, so they download once).
 RUN pip install . \

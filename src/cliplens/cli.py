@@ -6,37 +6,60 @@ service loads from, runs the scenarios (default: 1, 50, 100 images; 50 images x 
 prints the study's table and writes results.json and a figure; `--compare A.json B.json` sets two
 runs side by side. `demo` is the README's first command: the experiment at a size that finishes in
 a minute or two on a laptop CPU, on the embedded default (local directory, no cloud, no GPU).
+
+The experiment is an optional part (`pip install 'cliplens[experiment]'`): a server image has none
+of its dependencies, so this module imports it only inside `demo` and `experiment`, and says what
+to install when it is missing. Parsing and dispatch live here; what the commands print lives in
+cliplens.experiment.report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
-import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from cliplens.experiment.corpus import parse_mix
-from cliplens.experiment.fakegcs import FakeGcsUnavailable
-from cliplens.experiment.inprocess import ServiceStartError
-from cliplens.experiment.load import STUDY_SCENARIOS, Scenario
-from cliplens.experiment.report import render_comparison, render_tables
-from cliplens.experiment.results import Results, read, write
-from cliplens.experiment.study import STORAGE_KINDS, StudyError, StudyPlan, run_study
 from cliplens.settings import Settings, SettingsError, load_settings
 from cliplens.telemetry.logs import configure_logging
+
+if TYPE_CHECKING:
+    from cliplens.experiment.load import Scenario
+    from cliplens.experiment.study import StudyPlan
 
 log = logging.getLogger("cliplens.cli")
 
 DEMO_PHOTOS = 48
 DEMO_CONCURRENCY = 8
 """The demo's study, scaled to a laptop: 1, N/2 and N images, and N/2 images x 8 concurrent."""
+
+
+class ExperimentExtraMissing(Exception):
+    """The experiment's optional dependencies are not installed (a server-only install).
+
+    Not a ValueError or TypeError, so that argparse lets it through from an argument's type function
+    instead of reporting it as an invalid value."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__(
+            f"cliplens demo and experiment need the experiment extra (no module named {module!r}): "
+            "pip install 'cliplens[experiment]'"
+        )
+
+
+@contextlib.contextmanager
+def _experiment_extra() -> Iterator[None]:
+    """Around the experiment's imports: a missing module other than cliplens's own is the extra's."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] == "cliplens":
+            raise
+        raise ExperimentExtraMissing(exc.name) from exc
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -55,6 +78,8 @@ def _photos(text: str) -> int | Path:
 
 
 def _scenario(text: str) -> Scenario:
+    with _experiment_extra():
+        from cliplens.experiment.load import Scenario
     try:
         return Scenario.parse(text)
     except ValueError as exc:
@@ -62,6 +87,8 @@ def _scenario(text: str) -> Scenario:
 
 
 def _mix(text: str) -> dict[str, float]:
+    with _experiment_extra():
+        from cliplens.experiment.corpus import parse_mix
     try:
         return parse_mix(text)
     except ValueError as exc:
@@ -69,12 +96,17 @@ def _mix(text: str) -> dict[str, float]:
 
 
 def _demo_scenarios(photos: int) -> tuple[Scenario, ...]:
+    from cliplens.experiment.load import Scenario
+
     half = max(1, photos // 2)
     scenarios = (Scenario(1), Scenario(half), Scenario(photos), Scenario(half, DEMO_CONCURRENCY))
     return tuple(dict.fromkeys(scenarios))
 
 
 def _plan(args: argparse.Namespace, argv: Sequence[str], demo: bool) -> StudyPlan:
+    from cliplens.experiment.load import STUDY_SCENARIOS
+    from cliplens.experiment.study import StudyPlan
+
     photos_dir = args.photos if isinstance(args.photos, Path) else None
     count = args.photos if isinstance(args.photos, int) else None
     if args.scenario:
@@ -110,139 +142,53 @@ def _plan(args: argparse.Namespace, argv: Sequence[str], demo: bool) -> StudyPla
     )
 
 
-def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 200)
-
-
-def _describe_run(results: Results, console: Console) -> None:
-    model: dict[str, Any] = results.service.get("model", {})
-    if model.get("random_weights"):
-        console.print("[yellow]RANDOM WEIGHTS: timings are real, vectors are meaningless[/yellow]")
-    storage = results.storage
-    injected = ""
-    if storage.get("delay_ms") or storage.get("rate_mbps"):
-        rate = storage.get("rate_mbps")
-        injected = f" (+{storage.get('delay_ms', 0):g} ms per object, " + (
-            f"{rate:g} Mbit/s per connection)" if rate else "no rate limit)"
-        )
-    corpus = results.corpus
-    console.print(
-        f"model {model.get('id')} on {model.get('device')} ({model.get('dtype')}), "
-        f"dimension {model.get('dimension')}; service {results.service.get('url')}"
-        + (" (in-process)" if results.service.get("in_process") else "")
-    )
-    console.print(
-        f"photos: {corpus.get('count')} ({corpus.get('source')}, {corpus.get('mean_megapixels', 0):.1f} MP "
-        f"and {corpus.get('mean_bytes', 0) / 1e6:.2f} MB on average) from storage "
-        f"{storage.get('kind')}{injected}"
-    )
-    console.print(
-        f"machine: {results.machine.get('cpu')}, {results.machine.get('cores_usable')} cores usable, "
-        f"{len(results.machine.get('gpus', []))} GPU"
-    )
-
-
-def _slowest(results: Results, console: Console) -> None:
-    """The slowest request, with its trace id: the one to open in Jaeger first."""
-    answered = [(run.scenario, r) for run in results.runs for r in run.records if r.status == 200]
-    if not answered:
-        return
-    scenario, record = max(answered, key=lambda pair: pair[1].stages_ms.get("total", pair[1].latency_ms))
-    console.print(
-        f"slowest request: {scenario.name}, {record.stages_ms.get('total', record.latency_ms):.0f} ms "
-        f"in the service, trace id {record.trace_id}"
-    )
-
-
 def _run(args: argparse.Namespace, argv: Sequence[str], settings: Settings, demo: bool) -> int:
-    console = _console()
+    with _experiment_extra():
+        from cliplens.experiment import report
+        from cliplens.experiment.results import write
+        from cliplens.experiment.study import FAILURES, run_study
+    console = report.make_console()
     plan = _plan(args, argv, demo)
     if demo:
         # The README's first command must run offline: random weights stand in, loudly, when the
         # pretrained ones cannot be fetched (the timings are the same). Only the demo does this.
         settings = dataclasses.replace(settings, random_weights_fallback=True)
     title = "cliplens demo" if demo else "cliplens experiment"
-    console.print(
-        f"[bold]{title}[/bold]: scenarios {', '.join(s.key for s in plan.scenarios)}"
-        + (f", {plan.repeat} rounds each" if plan.repeat > 1 else "")
-        + f"; service {plan.url or 'in-process'}, storage {plan.storage}, output in {plan.out_dir}"
-    )
+    report.render_plan(title, plan, console)
     try:
         results = run_study(plan, settings, console)
-    except (StudyError, ServiceStartError, FakeGcsUnavailable, ValueError) as exc:
-        console.print(f"[red]{title} failed:[/red] {exc}")
+    except FAILURES as exc:
+        report.render_failure(title, exc, console)
         return 1
     json_path = write(results, plan.out_dir / f"{plan.label}.json")
-    _describe_run(results, console)
-    render_tables(results.summaries(), console)
-    _slowest(results, console)
-    console.print(f"results: {json_path}")
+    report.render_run(results, console)
+    report.render_file("results", json_path, console)
     if not args.no_figure:
-        from cliplens.experiment.figure import draw
-
-        figure_path = draw(results, plan.out_dir / f"{plan.label}.png")
-        console.print(f"figure: {figure_path}")
-    errors = sum(summary.error_count for summary in results.summaries())
-    if errors:
-        console.print(f"[yellow]{errors} images failed: see the errors column and {json_path}[/yellow]")
+        with _experiment_extra():
+            from cliplens.experiment.figure import draw
+        report.render_file("figure", draw(results, plan.out_dir / f"{plan.label}.png"), console)
+    report.render_errors(results, json_path, console)
     return 0
 
 
-_LOOPBACK_PORT = re.compile(r"(127\.0\.0\.1|localhost|\[::1\]):\d+")
-
-
-def _shown(value: object) -> str:
-    """A value as the differences table shows it; loopback ports are drawn afresh each run."""
-    return _LOOPBACK_PORT.sub(r"\1:*", str(value))
-
-
-def _differences(a: Results, b: Results) -> list[tuple[str, str, str]]:
-    """What changed between two runs: settings, model, storage, machine."""
-    rows: list[tuple[str, str, str]] = []
-
-    def compare(prefix: str, left: dict[str, Any] | None, right: dict[str, Any] | None) -> None:
-        left, right = left or {}, right or {}
-        for key in sorted(set(left) | set(right)):
-            if isinstance(left.get(key), dict) or isinstance(right.get(key), dict):
-                continue
-            shown = _shown(left.get(key, "-")), _shown(right.get(key, "-"))
-            if shown[0] != shown[1]:
-                rows.append((f"{prefix}{key}", *shown))
-
-    compare("settings.", a.service.get("settings"), b.service.get("settings"))
-    compare("model.", a.service.get("model"), b.service.get("model"))
-    compare("storage.", a.storage, b.storage)
-    for key in ("cpu", "cores_usable", "gpus"):
-        if a.machine.get(key) != b.machine.get(key):
-            rows.append((f"machine.{key}", str(a.machine.get(key)), str(b.machine.get(key))))
-    return rows
-
-
-def _compare(paths: Sequence[str]) -> int:
-    console = _console()
+def _compare(paths: tuple[str, str]) -> int:
+    with _experiment_extra():
+        from cliplens.experiment import report
+        from cliplens.experiment.results import read
+    console = report.make_console()
     try:
         a, b = (read(Path(path)) for path in paths)
     except ValueError as exc:
-        console.print(f"[red]cliplens experiment --compare failed:[/red] {exc}")
+        report.render_failure("cliplens experiment --compare", exc, console)
         return 1
-    labels = (a.label, b.label) if a.label != b.label else (Path(paths[0]).stem, Path(paths[1]).stem)
-    if labels[0] == labels[1]:
-        labels = ("A", "B")
-    console.print(f"[bold]{labels[0]}[/bold] = {paths[0]}, [bold]{labels[1]}[/bold] = {paths[1]}")
-    differences = _differences(a, b)
-    if differences:
-        table = Table(title="what differs")
-        table.add_column("")
-        table.add_column(labels[0])
-        table.add_column(labels[1])
-        for row in differences:
-            table.add_row(*row)
-        console.print(table)
-    render_comparison(a.summaries(), b.summaries(), console, labels)
+    report.render_pair(a, b, paths, console)
     return 0
 
 
 def _add_study_options(parser: argparse.ArgumentParser, demo: bool) -> None:
+    # The parser is built for every command: this part of the experiment needs no optional extra.
+    from cliplens.experiment.storage import STORAGE_KINDS
+
     target = parser.add_argument_group("target")
     target.add_argument("--url", help="a running service (default: start one in this process)")
     target.add_argument("--token", help="bearer token, for a service with CLIPLENS_API_TOKENS")
@@ -326,9 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(arguments)
+    try:
+        return _dispatch(build_parser().parse_args(arguments), arguments)
+    except ExperimentExtraMissing as exc:
+        sys.stderr.write(f"cliplens: {exc}\n")
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, arguments: Sequence[str]) -> int:
     if args.command == "experiment" and args.compare:
-        return _compare(args.compare)
+        return _compare(tuple(args.compare))
     try:
         settings = load_settings()
     except SettingsError as exc:

@@ -27,10 +27,11 @@ from PIL import Image
 from cliplens.experiment.inprocess import InProcessService
 from cliplens.experiment.latency import LatencyProxy
 from cliplens.settings import Settings
+from cliplens.vocabulary import Stage
 from tests.conftest import BUCKET
-from tests.servers import FakeGcs, child_environment
+from tests.harness.servers import FakeGcs, child_environment
 
-STAGES = ("load", "decode", "preprocess", "embed")
+STAGES = tuple(Stage)
 SCENARIOS = {"1x1": (1, 1), "4x3": (4, 3)}
 DELAY_MS = 150.0
 RATE_MBPS = 8.0
@@ -151,7 +152,7 @@ def _per_image(records: list[dict[str, Any]]) -> dict[str, list[float]]:
             for stage in STAGES:
                 series[stage].append(_in_stage(item["stages"][stage]))
             series["load+decode"].append(
-                _in_stage(item["stages"]["load"]) + _in_stage(item["stages"]["decode"])
+                _in_stage(item["stages"][Stage.LOAD]) + _in_stage(item["stages"][Stage.DECODE])
             )
     return series
 
@@ -162,7 +163,10 @@ def _per_request(records: list[dict[str, Any]]) -> dict[str, list[float]]:
         for stage in (*STAGES, "total"):
             series[stage].append(record["stages_ms"][stage])
         series["load+decode"].append(
-            max(_in_stage(i["stages"]["load"]) + _in_stage(i["stages"]["decode"]) for i in record["items"])
+            max(
+                _in_stage(i["stages"][Stage.LOAD]) + _in_stage(i["stages"][Stage.DECODE])
+                for i in record["items"]
+            )
         )
     return series
 
@@ -219,7 +223,7 @@ def test_results_hold_every_stage_of_every_scenario_with_the_counts_sent(local_r
                 assert stats["count"] == images * concurrency, (stage, measure)
                 assert stats["min"] <= stats["mean"] <= stats["max"]
                 assert stats["min"] <= stats["p50"] <= stats["p95"] <= stats["p99"] <= stats["max"]
-        assert set(summary["per_image"]["load"]) == {"time", "wait", "work"}
+        assert set(summary["per_image"][Stage.LOAD]) == {"time", "wait", "work"}
         for stage in (*STAGES, "load+decode", "total", "latency"):
             stats = summary["per_request"][stage]
             assert stats["count"] == concurrency, stage
@@ -247,7 +251,7 @@ def test_the_figure_is_a_valid_png(local_run: Run) -> None:
 def test_the_table_and_summaries_are_what_the_raw_records_say(local_run: Run) -> None:
     data = local_run.results("local")
     first_table, percentile_table = local_run.stdout.split("p50 / p95 / p99", 1)
-    columns = ("load", "decode", "load+decode", "preprocess", "embed")
+    columns = (Stage.LOAD, Stage.DECODE, "load+decode", Stage.PREPROCESS, Stage.EMBED)
     for scenario in data["scenarios"]:
         images, concurrency = SCENARIOS[scenario["key"]]
         records = scenario["records"]
@@ -284,7 +288,7 @@ def test_injected_storage_latency_shows_in_the_measured_load_stage(delayed_run: 
     smallest = min(p.stat().st_size for p in (delayed_run.directory / "photos").glob("*.jpg"))
     transfer_ms = smallest * 8 / (RATE_MBPS * 1e6) * 1e3
     loads = [
-        item["stages"]["load"]["work_ms"]
+        item["stages"][Stage.LOAD]["work_ms"]
         for scenario in data["scenarios"]
         for record in scenario["records"]
         for item in record["items"]
@@ -292,7 +296,7 @@ def test_injected_storage_latency_shows_in_the_measured_load_stage(delayed_run: 
     assert len(loads) == 1 + 12
     assert min(loads) >= DELAY_MS + transfer_ms
     for scenario in data["scenarios"]:
-        assert all(r["stages_ms"]["load"] >= DELAY_MS for r in scenario["records"])
+        assert all(r["stages_ms"][Stage.LOAD] >= DELAY_MS for r in scenario["records"])
     proxy = data["storage"]["proxy"]
     assert proxy["delay_ms"] == DELAY_MS and proxy["rate_mbps"] == RATE_MBPS
     assert proxy["requests"] >= len(loads)
@@ -313,8 +317,10 @@ def test_compare_sets_two_runs_side_by_side_with_the_ratio_per_stage(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "local -> delayed" in result.stdout
     assert "storage.kind" in result.stdout and "fake-gcs" in result.stdout
-    local = local_run.results("local")["scenarios"][0]["summary"]["per_image"]["load"]["time"]["mean"]
-    delayed = delayed_run.results("delayed")["scenarios"][0]["summary"]["per_image"]["load"]["time"]["mean"]
+    local, delayed = (
+        run.results(label)["scenarios"][0]["summary"]["per_image"][Stage.LOAD]["time"]["mean"]
+        for run, label in ((local_run, "local"), (delayed_run, "delayed"))
+    )
     load_row = next(line for line in result.stdout.splitlines() if "per image load " in line)
     cells = _cells(load_row)
     assert cells[0] == "1 image"

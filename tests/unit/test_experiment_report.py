@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 
-import numpy as np
 import pytest
 from rich.console import Console
 
@@ -14,20 +14,20 @@ from cliplens.experiment.report import (
     Stats,
     format_cell,
     format_ms,
-    percentile,
     render_comparison,
     render_tables,
     summarize,
 )
 from cliplens.experiment.results import Results, ScenarioRun
+from cliplens.vocabulary import Stage
 
 
 def _item(index: int, load: tuple[float, float], decode: tuple[float, float]) -> ItemTiming:
-    stages = {
-        "load": {"queue_ms": load[0], "work_ms": load[1]},
-        "decode": {"queue_ms": decode[0], "work_ms": decode[1]},
-        "preprocess": {"queue_ms": 0.5, "work_ms": 2.0},
-        "embed": {"queue_ms": 1.0, "work_ms": 10.0},
+    stages: dict[str, dict[str, float]] = {
+        Stage.LOAD: {"queue_ms": load[0], "work_ms": load[1]},
+        Stage.DECODE: {"queue_ms": decode[0], "work_ms": decode[1]},
+        Stage.PREPROCESS: {"queue_ms": 0.5, "work_ms": 2.0},
+        Stage.EMBED: {"queue_ms": 1.0, "work_ms": 10.0},
     }
     return ItemTiming(index, stages)
 
@@ -39,7 +39,13 @@ def _records() -> list[RequestRecord]:
         images=2,
         status=200,
         latency_ms=60.0,
-        stages_ms={"load": 30.0, "decode": 25.0, "preprocess": 5.0, "embed": 12.0, "total": 55.0},
+        stages_ms={
+            Stage.LOAD: 30.0,
+            Stage.DECODE: 25.0,
+            Stage.PREPROCESS: 5.0,
+            Stage.EMBED: 12.0,
+            "total": 55.0,
+        },
         ok=2,
         sent_ms=0.0,
         done_ms=60.0,
@@ -50,12 +56,21 @@ def _records() -> list[RequestRecord]:
         images=2,
         status=200,
         latency_ms=95.0,
-        stages_ms={"load": 40.0, "decode": 6.0, "preprocess": 3.0, "embed": 11.0, "total": 90.0},
+        stages_ms={
+            Stage.LOAD: 40.0,
+            Stage.DECODE: 6.0,
+            Stage.PREPROCESS: 3.0,
+            Stage.EMBED: 11.0,
+            "total": 90.0,
+        },
         ok=1,
         errors={"not_found": 1},
         sent_ms=5.0,
         done_ms=100.0,
-        items=[_item(0, (2.0, 38.0), (0.0, 6.0)), ItemTiming(1, {"load": {"queue_ms": 0.0, "work_ms": 1.0}})],
+        items=[
+            _item(0, (2.0, 38.0), (0.0, 6.0)),
+            ItemTiming(1, {Stage.LOAD: {"queue_ms": 0.0, "work_ms": 1.0}}),
+        ],
     )
     refused = RequestRecord(scenario="2x2", images=2, status=429, latency_ms=1.0, errors={"http_429": 2})
     refused.sent_ms, refused.done_ms = 1.0, 2.0
@@ -64,11 +79,11 @@ def _records() -> list[RequestRecord]:
 
 def test_summary_is_the_arithmetic_of_the_records() -> None:
     summary = summarize(Scenario(2, 2), _records())
-    load = summary.per_image["load"]["time"]
+    load = summary.per_image[Stage.LOAD]["time"]
     assert (load.count, load.min, load.max) == (4, 1.0, 40.0)
     assert load.mean == pytest.approx((20 + 30 + 40 + 1) / 4)
-    assert summary.per_image["load"]["wait"].max == 10.0
-    assert summary.per_image["decode"]["time"].count == 3
+    assert summary.per_image[Stage.LOAD]["wait"].max == 10.0
+    assert summary.per_image[Stage.DECODE]["time"].count == 3
     assert summary.per_image["load+decode"]["time"].max == 46.0
     per_request = summary.per_request
     assert per_request["load+decode"].count == 2
@@ -81,12 +96,19 @@ def test_summary_is_the_arithmetic_of_the_records() -> None:
     assert summary.images_per_s == pytest.approx(30.0)
 
 
-def test_percentile_is_numpys_linear_interpolation() -> None:
+def test_percentiles_interpolate_linearly_between_closest_ranks() -> None:
+    # By hand: p95 of 1..4 lies at rank (4 - 1) * 0.95 = 2.85, i.e. 3 + 0.85 * (4 - 3).
+    stats = Stats.of([4.0, 1.0, 3.0, 2.0])
+    assert stats is not None
+    assert (stats.p50, stats.p95, stats.p99) == pytest.approx((2.5, 3.85, 3.97))
     rng = random.Random(3)
     for size in (1, 2, 3, 10, 101):
-        values = sorted(rng.uniform(0, 1000) for _ in range(size))
-        for q in (0, 50, 95, 99, 100):
-            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+        values = [rng.uniform(0, 1000) for _ in range(size)]
+        stats = Stats.of(values)
+        assert stats is not None
+        # The standard library's inclusive quantiles are the same definition, computed independently.
+        cuts = statistics.quantiles(values, n=100, method="inclusive") if size > 1 else [values[0]] * 99
+        assert (stats.p50, stats.p95, stats.p99) == pytest.approx((cuts[49], cuts[94], cuts[98]))
     assert Stats.of([]) is None
 
 
@@ -134,7 +156,7 @@ def test_scenarios_parse_name_and_spread_photos() -> None:
     waves = list(batches(Scenario(2, 3), ["a", "b", "c", "d"], rounds=2))
     assert waves == [[["a", "b"], ["c", "d"], ["a", "b"]], [["c", "d"], ["a", "b"], ["c", "d"]]]
     assert parse_server_timing("load;dur=1.5, decode;dur=2, total;dur=4.25") == {
-        "load": 1.5,
-        "decode": 2.0,
+        Stage.LOAD: 1.5,
+        Stage.DECODE: 2.0,
         "total": 4.25,
     }

@@ -20,13 +20,12 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cliplens.experiment.report import IMAGE_STAGES, Stats, image_series, percentile, request_series
+from cliplens.experiment.report import COLUMNS, IMAGE_STAGES, Stats, image_series, request_series
 from cliplens.experiment.results import Results, ScenarioRun
 
 _FLOOR_MS = 0.01
 """Log axes cannot show 0 ms; anything below is drawn at this floor."""
 _COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
-_REQUEST_COLUMNS = ("load", "decode", "load+decode", "preprocess", "embed", "total")
 
 
 def _floor(values: Sequence[float]) -> list[float]:
@@ -72,9 +71,7 @@ def _growth(axes: Axes, runs: Sequence[ScenarioRun]) -> None:
         for values in series:
             stats = Stats.of(values[stage]["time"])
             means.append(max(stats.mean, _FLOOR_MS) if stats else float("nan"))
-            p95s.append(
-                max(percentile(sorted(values[stage]["time"]), 95), _FLOOR_MS) if stats else float("nan")
-            )
+            p95s.append(max(stats.p95, _FLOOR_MS) if stats else float("nan"))
         axes.plot(range(len(ordered)), means, marker="o", color=colour, label=f"{stage} mean")
         axes.plot(range(len(ordered)), p95s, linestyle="--", color=colour, alpha=0.7, label=f"{stage} p95")
     axes.set_xticks(range(len(ordered)), labels, fontsize=8)
@@ -123,7 +120,7 @@ def draw(results: Results, path: Path) -> Path:
         [{stage: measures["time"] for stage, measures in image_series(run.records).items()} for run in runs],
     )
     top_left.set_title("per image: time in each stage (wait + work)")
-    _grouped_boxes(top_right, _REQUEST_COLUMNS, runs, [request_series(run.records) for run in runs])
+    _grouped_boxes(top_right, COLUMNS, runs, [request_series(run.records) for run in runs])
     top_right.set_title("per request: stage windows (Server-Timing; load+decode to the last decoded image)")
     _growth(bottom_left, runs)
     if runs:

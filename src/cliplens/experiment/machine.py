@@ -1,8 +1,8 @@
 """The machine a run was measured on, for results.json: timings mean little without it.
 
 CPU model and the instruction sets that decide the model's speed on a CPU (AVX-512, AMX), the
-cores this process may use (its affinity mask, which is what the service's pools size themselves
-from), memory, GPUs, and the versions of the libraries on the measured path.
+cores this process may use (what the service's pools size themselves from), all three from
+cliplens.machine; and memory, GPUs, and the versions of the libraries on the measured path.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from cliplens.pipeline.service import usable_cpus
+from cliplens.machine import describe_cpu, usable_cpus
 
 _PACKAGES = (
     "cliplens",
@@ -28,25 +27,6 @@ _PACKAGES = (
     "aiohttp",
     "httpx",
 )
-_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "f16c", "fma")
-
-
-def _cpuinfo() -> tuple[str | None, list[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None, []
-    model: str | None = None
-    flags: list[str] = []
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            present = set(value.split())
-            flags = [flag for flag in _FLAGS if flag in present]
-    return model, flags
 
 
 def _memory_bytes() -> int | None:
@@ -88,13 +68,13 @@ def describe() -> dict[str, Any]:
     """This machine, as results.json records it (the client's machine when the service is remote)."""
     import torch
 
-    model, flags = _cpuinfo()
+    cpu = describe_cpu()
     return {
         "hostname": platform.node(),
         "platform": platform.platform(),
-        "cpu": model or platform.processor() or platform.machine(),
-        "cpu_flags": flags,
-        "architecture": platform.machine(),
+        "cpu": cpu.model,
+        "cpu_flags": list(cpu.flags),
+        "architecture": cpu.architecture,
         "cores_logical": os.cpu_count(),
         "cores_usable": usable_cpus(),
         "memory_bytes": _memory_bytes(),

@@ -1,4 +1,5 @@
-"""The study's table: per scenario and stage, min / max / mean (and p50 / p95 / p99) of the timings.
+"""The study's table: per scenario and stage, min / max / mean (and p50 / p95 / p99) of the timings,
+and everything else `cliplens experiment` and `cliplens demo` print about a run or a comparison.
 
 Every number is computed here from the raw per-request records, nothing else, with plain
 arithmetic a reader can redo by hand (or a test can redo in a few lines):
@@ -11,7 +12,8 @@ arithmetic a reader can redo by hand (or a test can redo in a few lines):
   `load+decode` is the longest per-image `load+decode` of the request, i.e. the time until the
   request's last image was decoded, since all of a request's images enter `load` at its start;
 - min and max are the extremes, mean is the (exactly rounded) sum over the count, and pNN is the linear
-  interpolation between closest ranks (numpy's default, `statistics.quantiles(method="inclusive")`);
+  interpolation between closest ranks (numpy's `method="linear"`, its default, which is
+  `statistics.quantiles(method="inclusive")`);
 - throughput is the images returned over the scenario's wall time, first request sent to last
   response received, on the client's clock.
 """
@@ -19,19 +21,44 @@ arithmetic a reader can redo by hand (or a test can redo in a few lines):
 from __future__ import annotations
 
 import math
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from cliplens.experiment.load import RequestRecord, Scenario
+from cliplens.vocabulary import Stage
 
-IMAGE_STAGES = ("load", "decode", "preprocess", "embed")
+if TYPE_CHECKING:
+    from cliplens.experiment.results import Results
+    from cliplens.experiment.study import StudyPlan
+
+IMAGE_STAGES: tuple[Stage, ...] = tuple(Stage)
 """The service's stages, in the order an image goes through them."""
-COLUMNS = ("load", "decode", "load+decode", "preprocess", "embed", "total")
+LOAD_DECODE = "load+decode"
+"""From asking for the photo to having its pixels: the two stages the study did not split out."""
+TOTAL = "total"
+"""The request's whole window in the service (Server-Timing `total`)."""
+
+
+def _columns() -> tuple[str, ...]:
+    """Every stage, `load+decode` right after the two stages it sums, then `total`."""
+    columns: list[str] = []
+    for stage in IMAGE_STAGES:
+        columns.append(stage)
+        if stage is Stage.DECODE:
+            columns.append(LOAD_DECODE)
+    return (*columns, TOTAL)
+
+
+COLUMNS = _columns()
 """The table's stage columns: the study's, plus the per-stage windows it did not split out."""
 REQUEST_SERIES = (*COLUMNS, "latency")
 """Per-request series: the Server-Timing windows, load+decode, and the client's own latency."""
@@ -56,14 +83,15 @@ class Stats:
         if not values:
             return None
         ordered = sorted(values)
+        p50, p95, p99 = (float(p) for p in np.percentile(ordered, (50, 95, 99), method="linear"))
         return cls(
             count=len(ordered),
             min=ordered[0],
             max=ordered[-1],
             mean=math.fsum(ordered) / len(ordered),
-            p50=percentile(ordered, 50),
-            p95=percentile(ordered, 95),
-            p99=percentile(ordered, 99),
+            p50=p50,
+            p95=p95,
+            p99=p99,
         )
 
     @classmethod
@@ -74,18 +102,15 @@ class Stats:
         return asdict(self)
 
 
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The q-th percentile of sorted values, linear between closest ranks."""
-    if len(ordered) == 1:
-        return ordered[0]
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def _time_in(stage: Mapping[str, float]) -> float:
     return stage["queue_ms"] + stage["work_ms"]
+
+
+def _load_decode(stages: Mapping[str, Mapping[str, float]]) -> float | None:
+    """One image's time from asking for the photo to having its pixels, if it got that far."""
+    if Stage.LOAD in stages and Stage.DECODE in stages:
+        return _time_in(stages[Stage.LOAD]) + _time_in(stages[Stage.DECODE])
+    return None
 
 
 def _answered(records: Sequence[RequestRecord]) -> list[RequestRecord]:
@@ -97,7 +122,7 @@ def image_series(records: Sequence[RequestRecord]) -> dict[str, dict[str, list[f
     series: dict[str, dict[str, list[float]]] = {
         stage: {measure: [] for measure in MEASURES} for stage in IMAGE_STAGES
     }
-    series["load+decode"] = {"time": []}
+    series[LOAD_DECODE] = {"time": []}
     for record in _answered(records):
         for item in record.items:
             for stage in IMAGE_STAGES:
@@ -106,10 +131,8 @@ def image_series(records: Sequence[RequestRecord]) -> dict[str, dict[str, list[f
                     series[stage]["time"].append(_time_in(timing))
                     series[stage]["wait"].append(timing["queue_ms"])
                     series[stage]["work"].append(timing["work_ms"])
-            if "load" in item.stages and "decode" in item.stages:
-                series["load+decode"]["time"].append(
-                    _time_in(item.stages["load"]) + _time_in(item.stages["decode"])
-                )
+            if (chain := _load_decode(item.stages)) is not None:
+                series[LOAD_DECODE]["time"].append(chain)
     return series
 
 
@@ -117,16 +140,12 @@ def request_series(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     """{column: values} over the answered requests; see the module docstring for load+decode."""
     series: dict[str, list[float]] = {name: [] for name in REQUEST_SERIES}
     for record in _answered(records):
-        for stage in (*IMAGE_STAGES, "total"):
+        for stage in (*IMAGE_STAGES, TOTAL):
             if stage in record.stages_ms:
                 series[stage].append(record.stages_ms[stage])
-        chains = [
-            _time_in(item.stages["load"]) + _time_in(item.stages["decode"])
-            for item in record.items
-            if "load" in item.stages and "decode" in item.stages
-        ]
+        chains = [chain for item in record.items if (chain := _load_decode(item.stages)) is not None]
         if chains:
-            series["load+decode"].append(max(chains))
+            series[LOAD_DECODE].append(max(chains))
         series["latency"].append(record.latency_ms)
     return series
 
@@ -256,7 +275,7 @@ def _stage_table(
     for summary in summaries:
         images = summary.per_image
         image_cells = [
-            format_cell(images[c]["time"] if c in images else None, fields) if c != "total" else "-"
+            format_cell(images[c]["time"] if c in images else None, fields) if c != TOTAL else "-"
             for c in COLUMNS
         ]
         request_cells = [format_cell(summary.per_request.get(c), fields) for c in COLUMNS]
@@ -351,7 +370,7 @@ def render_comparison(
             continue
         rows: list[tuple[str, Stats | None, Stats | None]] = []
         for column in COLUMNS:
-            if column != "total":
+            if column != TOTAL:
                 rows.append(
                     (
                         f"per image {column}",
@@ -394,3 +413,133 @@ def render_comparison(
         console.print(f"only in {labels[0]}: {', '.join(only_a)}")
     if only_b:
         console.print(f"only in {labels[1]}: {', '.join(only_b)}")
+
+
+# --- what the commands print around the tables ----------------------------------------------------
+
+
+def make_console() -> Console:
+    """The commands' console: the terminal's width, or 200 columns when piped so tables do not wrap."""
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def render_plan(title: str, plan: StudyPlan, console: Console) -> None:
+    """The run about to start, in one line: so a long run says at once what it is measuring."""
+    console.print(
+        f"[bold]{title}[/bold]: scenarios {', '.join(s.key for s in plan.scenarios)}"
+        + (f", {plan.repeat} rounds each" if plan.repeat > 1 else "")
+        + f"; service {plan.url or 'in-process'}, storage {plan.storage}, output in {plan.out_dir}"
+    )
+
+
+def render_failure(title: str, error: Exception, console: Console) -> None:
+    """Why the command stopped; the errors it catches carry a message that says what to change."""
+    console.print(f"[red]{title} failed:[/red] {error}")
+
+
+def _render_context(results: Results, console: Console) -> None:
+    """What the numbers were measured on: model, service, photos, storage, machine."""
+    model: dict[str, Any] = results.service.get("model", {})
+    if model.get("random_weights"):
+        console.print("[yellow]RANDOM WEIGHTS: timings are real, vectors are meaningless[/yellow]")
+    storage = results.storage
+    injected = ""
+    if storage.get("delay_ms") or storage.get("rate_mbps"):
+        rate = storage.get("rate_mbps")
+        injected = f" (+{storage.get('delay_ms', 0):g} ms per object, " + (
+            f"{rate:g} Mbit/s per connection)" if rate else "no rate limit)"
+        )
+    corpus = results.corpus
+    console.print(
+        f"model {model.get('id')} on {model.get('device')} ({model.get('dtype')}), "
+        f"dimension {model.get('dimension')}; service {results.service.get('url')}"
+        + (" (in-process)" if results.service.get("in_process") else "")
+    )
+    console.print(
+        f"photos: {corpus.get('count')} ({corpus.get('source')}, {corpus.get('mean_megapixels', 0):.1f} MP "
+        f"and {corpus.get('mean_bytes', 0) / 1e6:.2f} MB on average) from storage "
+        f"{storage.get('kind')}{injected}"
+    )
+    console.print(
+        f"machine: {results.machine.get('cpu')}, {results.machine.get('cores_usable')} cores usable, "
+        f"{len(results.machine.get('gpus', []))} GPU"
+    )
+
+
+def _render_slowest(results: Results, console: Console) -> None:
+    """The slowest request, with its trace id: the one to open in Jaeger first."""
+    answered = [(run.scenario, r) for run in results.runs for r in run.records if r.status == 200]
+    if not answered:
+        return
+    scenario, record = max(answered, key=lambda pair: pair[1].stages_ms.get(TOTAL, pair[1].latency_ms))
+    console.print(
+        f"slowest request: {scenario.name}, {record.stages_ms.get(TOTAL, record.latency_ms):.0f} ms "
+        f"in the service, trace id {record.trace_id}"
+    )
+
+
+def render_run(results: Results, console: Console) -> None:
+    """A finished run: its context, the study's tables, and the slowest request's trace id."""
+    _render_context(results, console)
+    render_tables(results.summaries(), console)
+    _render_slowest(results, console)
+
+
+def render_file(what: str, path: Path, console: Console) -> None:
+    """Where a run's file was written (`results: ...`, `figure: ...`)."""
+    console.print(f"{what}: {path}")
+
+
+def render_errors(results: Results, json_path: Path, console: Console) -> None:
+    """A closing warning when images failed, since the table's errors column is easy to miss."""
+    errors = sum(summary.error_count for summary in results.summaries())
+    if errors:
+        console.print(f"[yellow]{errors} images failed: see the errors column and {json_path}[/yellow]")
+
+
+_LOOPBACK_PORT = re.compile(r"(127\.0\.0\.1|localhost|\[::1\]):\d+")
+
+
+def _shown(value: object) -> str:
+    """A value as the differences table shows it; loopback ports are drawn afresh each run."""
+    return _LOOPBACK_PORT.sub(r"\1:*", str(value))
+
+
+def differences(a: Results, b: Results) -> list[tuple[str, str, str]]:
+    """What changed between two runs: settings, model, storage, machine."""
+    rows: list[tuple[str, str, str]] = []
+
+    def compare(prefix: str, left: dict[str, Any] | None, right: dict[str, Any] | None) -> None:
+        left, right = left or {}, right or {}
+        for key in sorted(set(left) | set(right)):
+            if isinstance(left.get(key), dict) or isinstance(right.get(key), dict):
+                continue
+            shown = _shown(left.get(key, "-")), _shown(right.get(key, "-"))
+            if shown[0] != shown[1]:
+                rows.append((f"{prefix}{key}", *shown))
+
+    compare("settings.", a.service.get("settings"), b.service.get("settings"))
+    compare("model.", a.service.get("model"), b.service.get("model"))
+    compare("storage.", a.storage, b.storage)
+    for key in ("cpu", "cores_usable", "gpus"):
+        if a.machine.get(key) != b.machine.get(key):
+            rows.append((f"machine.{key}", str(a.machine.get(key)), str(b.machine.get(key))))
+    return rows
+
+
+def render_pair(a: Results, b: Results, paths: tuple[str, str], console: Console) -> None:
+    """`--compare A.json B.json`: which is which, what differs between them, and the ratio table."""
+    labels = (a.label, b.label) if a.label != b.label else (Path(paths[0]).stem, Path(paths[1]).stem)
+    if labels[0] == labels[1]:
+        labels = ("A", "B")
+    console.print(f"[bold]{labels[0]}[/bold] = {paths[0]}, [bold]{labels[1]}[/bold] = {paths[1]}")
+    rows = differences(a, b)
+    if rows:
+        table = Table(title="what differs")
+        table.add_column("")
+        table.add_column(labels[0])
+        table.add_column(labels[1])
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    render_comparison(a.summaries(), b.summaries(), console, labels)

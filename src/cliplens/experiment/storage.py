@@ -14,11 +14,17 @@ import mimetypes
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 from gcloud.aio.storage import Storage
 
 from cliplens.experiment.corpus import Photo
+
+StorageKind = Literal["local", "fake-gcs", "gcs"]
+STORAGE_KINDS: tuple[StorageKind, ...] = ("local", "fake-gcs", "gcs")
+"""`--storage`: each has its target in targets.py. Kept here, beside only core dependencies, since the
+command line's parser lists them for every command, `cliplens serve` included."""
 
 
 def local_references(photos: Sequence[Photo], corpus_dir: Path, image_root: Path) -> list[str]:

@@ -4,7 +4,8 @@ scenarios, and keep every number.
 This is the orchestration behind `cliplens experiment` and `cliplens demo`. It targets a running
 service (`url`) or starts the real one in this process on the source the plan names: the local
 directory (the embedded default, no cloud), fake-gcs-server on loopback (optionally behind the
-latency proxy, so `load` behaves like a real bucket), or a real bucket. The client sends the
+latency proxy, so `load` behaves like a real bucket), or a real bucket; one target type per
+storage kind (targets.py) puts the photos there. The client sends the
 scenarios with `"timings": true` and keeps each response's `Server-Timing`; the result is a
 `Results` (written as results.json) from which the report and the figure are computed.
 """
@@ -19,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, assert_never
 
 import httpx
 from rich.console import Console
@@ -32,23 +33,41 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from cliplens.experiment import corpus, fakegcs, machine, storage
-from cliplens.experiment.inprocess import InProcessService
-from cliplens.experiment.latency import LatencyProxy
+from cliplens.experiment import corpus, machine
+from cliplens.experiment.fakegcs import FakeGcsUnavailable
+from cliplens.experiment.inprocess import InProcessService, ServiceStartError
 from cliplens.experiment.load import RequestRecord, Scenario, run_scenario, send_request
 from cliplens.experiment.results import Results, ScenarioRun, settings_json
-from cliplens.pipeline.service import usable_cpus
+from cliplens.experiment.storage import StorageKind
+from cliplens.experiment.targets import (
+    DEFAULT_FAKE_BUCKET,
+    FakeGcsTarget,
+    GcsTarget,
+    LocalTarget,
+    Placement,
+    PlacementError,
+    Target,
+)
+from cliplens.machine import usable_cpus
 from cliplens.settings import Settings
 
 log = logging.getLogger(__name__)
 
-StorageKind = Literal["local", "fake-gcs", "gcs"]
-STORAGE_KINDS: tuple[StorageKind, ...] = ("local", "fake-gcs", "gcs")
 _WARMUP_IMAGES = 8
 
 
 class StudyError(RuntimeError):
     """The study cannot run as planned; the message says why and what to change."""
+
+
+FAILURES: tuple[type[Exception], ...] = (
+    StudyError,
+    PlacementError,
+    ServiceStartError,
+    FakeGcsUnavailable,
+    ValueError,
+)
+"""What a study may end with whose message says what to change: the commands print it, no traceback."""
 
 
 @dataclass(frozen=True)
@@ -140,96 +159,42 @@ def _prepare_corpus(plan: StudyPlan, progress: Progress) -> tuple[list[corpus.Ph
     return photos, directory, corpus.describe(photos, "generated", directory, plan.mix or corpus.DEFAULT_MIX)
 
 
-def _upload(
-    photos: Sequence[corpus.Photo], directory: Path, plan: StudyPlan, api_root: str | None, progress: Progress
-) -> list[str]:
-    assert plan.bucket is not None
-    where = f"gs://{plan.bucket}/{plan.prefix}" + (f" on {api_root}" if api_root else "")
-    task = progress.add_task(f"uploading to {where}", total=len(photos))
-    try:
-        return storage.upload(
-            photos, directory, plan.bucket, plan.prefix, api_root, on_upload=lambda _: progress.advance(task)
+def _target(plan: StudyPlan, directory: Path) -> Target:
+    """The plan's storage kind as a target: pointed at a running service, or set up for one started here."""
+    running = plan.url is not None
+    if plan.storage == "local":
+        return LocalTarget(service_root=(plan.image_root or directory) if running else None)
+    if plan.storage == "fake-gcs":
+        return FakeGcsTarget(
+            bucket=plan.bucket or DEFAULT_FAKE_BUCKET,
+            prefix=plan.prefix,
+            emulator=plan.emulator if running else None,
+            log_path=plan.out_dir / "fake-gcs-server.log",
+            delay_ms=plan.delay_ms,
+            jitter_ms=plan.jitter_ms,
+            rate_mbps=plan.rate_mbps,
+            seed=plan.seed,
         )
-    except Exception as exc:
-        raise StudyError(f"uploading the photos to {where} failed: {exc}") from exc
+    if plan.storage == "gcs":
+        assert plan.bucket is not None
+        return GcsTarget(bucket=plan.bucket, prefix=plan.prefix)
+    assert_never(plan.storage)
 
 
 @contextlib.contextmanager
-def _target(
-    plan: StudyPlan,
-    settings: Settings,
-    photos: list[corpus.Photo],
-    directory: Path,
-    progress: Progress,
-    storage_info: dict[str, Any],
-) -> Iterator[tuple[str, list[str], Settings | None]]:
-    """Put the photos where the service reads, start the service if asked; yield (url, refs, settings)."""
-    with contextlib.ExitStack() as stack:
-        references: list[str]
-        if plan.storage == "local":
-            if plan.url is None:
-                references = [photo.name for photo in photos]
-                settings = dataclasses.replace(
-                    settings, image_root=directory, default_bucket=None, allowed_buckets=()
-                )
-                storage_info.update(image_root=str(directory))
-            else:
-                root = plan.image_root or directory
-                references = storage.local_references(photos, directory, root)
-                storage_info.update(image_root=str(root))
-        elif plan.storage == "fake-gcs":
-            bucket = plan.bucket or "cliplens-experiment"
-            plan = dataclasses.replace(plan, bucket=bucket)
-            if plan.url is None:
-                gcs = stack.enter_context(fakegcs.FakeGcsServer(plan.out_dir / "fake-gcs-server.log"))
-                gcs.create_bucket(bucket)
-                references = _upload(photos, directory, plan, gcs.url, progress)
-                emulator = gcs.url
-                if plan.delay_ms > 0 or plan.rate_mbps is not None:
-                    proxy = stack.enter_context(
-                        LatencyProxy(
-                            gcs.host,
-                            gcs.port,
-                            delay_ms=plan.delay_ms,
-                            rate_mbps=plan.rate_mbps,
-                            jitter_ms=plan.jitter_ms,
-                            seed=plan.seed,
-                        )
-                    )
-                    emulator = proxy.url
-                    stack.callback(lambda: storage_info.update(proxy=proxy.describe()))
-                settings = dataclasses.replace(
-                    settings,
-                    image_root=None,
-                    default_bucket=bucket,
-                    allowed_buckets=(),
-                    gcs_emulator_host=emulator,
-                    allow_emulator=True,
-                )
-                storage_info.update(emulator=gcs.url, service_reads_from=emulator)
-            else:
-                assert plan.emulator is not None
-                with httpx.Client(timeout=10) as client:
-                    client.post(f"{plan.emulator}/storage/v1/b", json={"name": bucket})
-                references = _upload(photos, directory, plan, plan.emulator, progress)
-                storage_info.update(emulator=plan.emulator)
-            storage_info.update(bucket=bucket, prefix=plan.prefix)
-        else:
-            assert plan.bucket is not None
-            references = _upload(photos, directory, plan, None, progress)
-            if plan.url is None:
-                settings = dataclasses.replace(
-                    settings, image_root=None, default_bucket=plan.bucket, gcs_emulator_host=None
-                )
-            storage_info.update(bucket=plan.bucket, prefix=plan.prefix)
-        if plan.url is not None:
-            yield plan.url.rstrip("/"), references, None
-            return
-        settings = _in_process_settings(settings, plan)
-        task = progress.add_task(f"starting the service ({settings.model}/{settings.pretrained})", total=1)
-        url = stack.enter_context(InProcessService(settings))
+def _service(
+    plan: StudyPlan, settings: Settings, placement: Placement, progress: Progress
+) -> Iterator[tuple[str, Settings | None]]:
+    """The service to measure: the running one at `plan.url`, or the real one started here and set to
+    read where the photos were placed; yields its URL and, when started here, its settings."""
+    if plan.url is not None:
+        yield plan.url.rstrip("/"), None
+        return
+    settings = _in_process_settings(dataclasses.replace(settings, **placement.settings), plan)
+    task = progress.add_task(f"starting the service ({settings.model}/{settings.pretrained})", total=1)
+    with InProcessService(settings) as url:
         progress.advance(task)
-        yield url, references, settings
+        yield url, settings
 
 
 def _in_process_settings(settings: Settings, plan: StudyPlan) -> Settings:
@@ -322,25 +287,29 @@ def run_study(
     """Run the plan; the Results hold every raw number and the context they were measured in."""
     plan.check()
     started = _now()
+    with _progress(console) as progress:
+        photos, directory, corpus_info = _prepare_corpus(plan, progress)
+        if len(photos) < max(s.images for s in plan.scenarios):
+            log.warning("the corpus has fewer photos than a request asks for: requests repeat photos")
+        with _target(plan, directory) as target:
+            placement = target.place(photos, directory, progress)
+            references = placement.references
+            with _service(plan, settings, placement, progress) as (url, used):
+                # The references as the service resolves them: what locustfile.py --references sends.
+                (plan.out_dir / "references.txt").write_text("\n".join(references) + "\n")
+                token = plan.token
+                if token is None and used is not None and used.api_tokens:
+                    token = used.api_tokens[0]
+                card, runs = asyncio.run(_measure(url, plan, references, progress, token))
+                if on_service is not None:
+                    on_service(card)
     storage_info: dict[str, Any] = {
         "kind": plan.storage,
         "delay_ms": plan.delay_ms,
         "jitter_ms": plan.jitter_ms,
         "rate_mbps": plan.rate_mbps,
+        **placement.storage,
     }
-    with _progress(console) as progress:
-        photos, directory, corpus_info = _prepare_corpus(plan, progress)
-        if len(photos) < max(s.images for s in plan.scenarios):
-            log.warning("the corpus has fewer photos than a request asks for: requests repeat photos")
-        with _target(plan, settings, photos, directory, progress, storage_info) as (url, references, used):
-            # The references as the service resolves them: what locustfile.py --references sends.
-            (plan.out_dir / "references.txt").write_text("\n".join(references) + "\n")
-            token = plan.token
-            if token is None and used is not None and used.api_tokens:
-                token = used.api_tokens[0]
-            card, runs = asyncio.run(_measure(url, plan, references, progress, token))
-            if on_service is not None:
-                on_service(card)
     return Results(
         runs=runs,
         label=plan.label,

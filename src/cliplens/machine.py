@@ -1,0 +1,74 @@
+"""What the machine gives this process: the cores it may use, and what its CPU can do.
+
+The service sizes its CPU pool and torch's threads from `usable_cpus()`, the experiment and the
+benchmarks record `describe_cpu()` next to their timings (a number means little without the CPU it
+was measured on). Everything is read from the running system (the affinity mask, the cgroup's
+`cpu.max`, `/proc/cpuinfo`), never assumed; the module needs nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "f16c", "fma")
+"""The instruction sets that decide the model's speed on a CPU (bf16 matmuls need AVX-512 BF16 or
+AMX); `describe_cpu()` reports which of them this CPU has."""
+
+
+def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole cores of a cgroup v2 CPU quota (a container's CPU limit), or None when unlimited."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def usable_cpus() -> int:
+    """The cores this process may use: its affinity mask, capped by a container's CPU limit."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        cores = max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return min(cores, limit) if limit else cores
+
+
+@dataclass(frozen=True)
+class CpuDescription:
+    """The CPU as a results file records it."""
+
+    model: str
+    """`model name` from /proc/cpuinfo, else what `platform` knows (processor, then architecture)."""
+    flags: tuple[str, ...]
+    """Those of `CPU_FLAGS` the CPU reports, in `CPU_FLAGS` order."""
+    architecture: str
+
+
+def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> CpuDescription:
+    """This machine's CPU: its model and which of `CPU_FLAGS` it has, as the kernel reports them."""
+    model: str | None = None
+    flags: tuple[str, ...] = ()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            present = set(value.split())
+            flags = tuple(flag for flag in CPU_FLAGS if flag in present)
+    return CpuDescription(
+        model=model or platform.processor() or platform.machine(),
+        flags=flags,
+        architecture=platform.machine(),
+    )
