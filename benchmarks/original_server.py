@@ -58,13 +58,16 @@ class OriginalPipeline:
 
     def _decode(self, data: bytes) -> np.ndarray:
         started = time.perf_counter()
-        image = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if decoded is None:
+            raise ValueError("OpenCV cannot decode the image")
+        image = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
         self._record("decode", time.perf_counter() - started)
         return image
 
     def _preprocess(self, pixels: np.ndarray) -> torch.Tensor:
         started = time.perf_counter()
-        tensor = self.preprocess(Image.fromarray(pixels))
+        tensor: torch.Tensor = self.preprocess(Image.fromarray(pixels))
         self._record("preprocess", time.perf_counter() - started)
         return tensor
 
@@ -103,8 +106,8 @@ def create_original_app(pipeline: OriginalPipeline) -> Litestar:
         names = data["input"] if isinstance(data["input"], list) else [data["input"]]
         vectors, timings = await pipeline.embed(names)
         header = ", ".join(f"{stage};dur={seconds * 1000:.1f}" for stage, seconds in timings.items())
-        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
-        body = {"object": "list", "data": data, "errors": []}
+        items = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+        body = {"object": "list", "data": items, "errors": []}
         return Response(body, headers={"Server-Timing": header})
 
     @get("/stats", sync_to_thread=False)

@@ -50,8 +50,8 @@ from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.load import RequestRecord, Scenario, run_scenario
 from cliplens.experiment.machine import describe
 from cliplens.experiment.processes import stop_process, wait_until_answering
+from cliplens.machine import usable_cpus
 from cliplens.pipeline.model import resolve_dtype
-from cliplens.pipeline.service import usable_cpus
 from cliplens.vocabulary import Stage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 The dashboard repeats one pattern (min, mean, p50, p95, p99, max) over three scopes (per request,
 per image work, per image wait), so it is generated here rather than edited by hand; the JSON is
-committed next to this file and tests/unit/test_observability_files.py fails when the two differ.
+committed next to this file and tests/config/test_observability_files.py fails when the two differ.
 Standard library only:
 
     python grafana/generate_dashboard.py          # rewrite the JSON

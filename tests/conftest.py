@@ -12,12 +12,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from litestar import Litestar
 from litestar.testing import TestClient
 
 from cliplens.app import create_app
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.settings import Settings
-from tests.servers import FakeGcs
+from tests.harness.servers import FakeGcs
 
 TINY_ARCHITECTURE = {
     "embed_dim": 32,
@@ -84,7 +85,7 @@ def settings(tiny_model: str, photo_dir: Path) -> Settings:
     return Settings(model=tiny_model, pretrained="none", image_root=photo_dir, cpu_workers=2, max_inputs=16)
 
 
-def wait_ready(client: TestClient, timeout_s: float = 120) -> None:  # type: ignore[type-arg]
+def wait_ready(client: TestClient[Litestar], timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if client.get("/readyz").status_code == 200:
@@ -94,7 +95,7 @@ def wait_ready(client: TestClient, timeout_s: float = 120) -> None:  # type: ign
 
 
 @contextmanager
-def running(settings: Settings) -> Iterator[TestClient]:  # type: ignore[type-arg]
+def running(settings: Settings) -> Iterator[TestClient[Litestar]]:
     """The app, lifespan started, model loaded."""
     with TestClient(create_app(settings), timeout=120) as client:
         wait_ready(client)
@@ -102,7 +103,7 @@ def running(settings: Settings) -> Iterator[TestClient]:  # type: ignore[type-ar
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:  # type: ignore[type-arg]
+def client(settings: Settings) -> Iterator[TestClient[Litestar]]:
     with running(settings) as client:
         yield client
 

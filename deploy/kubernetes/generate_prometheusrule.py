@@ -3,7 +3,7 @@
 With the prometheus-operator, Prometheus loads rules from PrometheusRule objects, not files: this
 wraps the project's recording and alerting rules (the ones the compose stack, promtool's unit tests
 and the dashboard use) into one, so the cluster evaluates exactly the same rules.
-tests/unit/test_kubernetes.py fails when the committed file is stale. Needs PyYAML:
+tests/config/test_kubernetes.py fails when the committed file is stale. Needs PyYAML:
 
     python deploy/kubernetes/generate_prometheusrule.py          # rewrite the YAML
     python deploy/kubernetes/generate_prometheusrule.py --check  # exit 1 if it is stale
@@ -44,7 +44,7 @@ def prometheus_rule() -> dict[str, Any]:
     }
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no types (no types-PyYAML here)
     """Multi-line strings (PromQL) as literal blocks, as the rule files write them."""
 
 
@@ -57,7 +57,7 @@ _Dumper.add_representer(str, _string)
 
 
 def render() -> str:
-    body = yaml.dump(prometheus_rule(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=110)
+    body: str = yaml.dump(prometheus_rule(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=110)
     return HEADER + body
 
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import TINY_ARCHITECTURE  # noqa: E402
-from tests.replicas import Haproxy, start_replicas  # noqa: E402
+from tests.harness.replicas import Haproxy, start_replicas  # noqa: E402
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo  # noqa: E402
 from cliplens.vocabulary import Stage  # noqa: E402
@@ -47,7 +48,9 @@ def photos(folder: Path, count: int, width: int, height: int) -> list[str]:
     return names
 
 
-async def closed_loop(url: str, names: list[str], concurrency: int, per_request: int, seconds: float) -> dict:
+async def closed_loop(
+    url: str, names: list[str], concurrency: int, per_request: int, seconds: float
+) -> dict[str, Any]:
     """`concurrency` clients, each sending its next request as soon as the last one answered."""
     latencies: list[float] = []
     stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -87,7 +90,7 @@ async def closed_loop(url: str, names: list[str], concurrency: int, per_request:
 
 def measure(
     processes: int, cores: int, args: argparse.Namespace, model: str, image_root: Path, names: list[str]
-) -> dict:
+) -> dict[str, Any]:
     share = max(1, cores // processes)
     environment = {
         "CLIPLENS_MODEL": model,

@@ -19,7 +19,7 @@ from cliplens.pipeline.model import load_model, resolve_dtype
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
 from cliplens.settings import Settings
 from tests.conftest import running
-from tests.unit.test_preprocess import REAL_PHOTO, fidelity, reference
+from tests.harness.open_clip_reference import REAL_PHOTO, fidelity, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -43,6 +43,7 @@ def test_gpu_jpeg_decode_applies_exif_and_matches_pillow() -> None:
     assert isinstance(on_gpu.pixels, torch.Tensor) and on_gpu.pixels.device.type == "cuda"
     assert on_gpu.size == (900, 1200)
     pillow = decode_image(data, 10_000, 10**9).pixels
+    assert isinstance(pillow, np.ndarray)
     difference = np.abs(on_gpu.pixels.permute(1, 2, 0).cpu().numpy().astype(int) - pillow.astype(int))
     assert difference.mean() < 1.5
 
@@ -77,7 +78,7 @@ def test_auto_dtype_on_cuda_is_reduced_precision_within_cosine_0_999() -> None:
     vectors = {}
     for dtype in ("float32", "auto"):
         torch.manual_seed(0)
-        model = load_model(Settings(model="ViT-B-32", pretrained="none", device="cuda", dtype=dtype))  # type: ignore[arg-type]
+        model = load_model(Settings(model="ViT-B-32", pretrained="none", device="cuda", dtype=dtype))
         vectors[dtype] = model.encode_images(image.to(CUDA))
     assert (vectors["float32"] * vectors["auto"]).sum(axis=1).min() >= 0.999
 

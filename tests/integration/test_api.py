@@ -8,12 +8,14 @@ import re
 
 import numpy as np
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 
 from cliplens.settings import Settings
+from cliplens.vocabulary import Stage
 from tests.conftest import photo_bytes, running
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[Litestar]
 
 
 def vector(entry: dict[str, object]) -> np.ndarray:
@@ -57,12 +59,28 @@ def test_base64_encoding_is_little_endian_float32_of_the_same_vector(client: Cli
     np.testing.assert_array_equal(vector(entry), vector(floats))
 
 
+HEADER_ROUNDING_MS = 0.05 + 0.0005 + 1e-9
+"""Server-Timing durations are rounded to 0.1 ms, per-image `timings` to 0.001 ms."""
+
+
 def test_server_timing_and_trace_id_headers(client: Client) -> None:
-    response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg", "album/1/b.jpg"]})
-    entries = dict(re.findall(r"(\w+);dur=([0-9.]+)", response.headers["server-timing"]))
-    assert list(entries) == ["load", "decode", "preprocess", "embed", "total"]
-    assert all(float(v) >= 0 for v in entries.values())
-    assert float(entries["total"]) >= max(float(v) for k, v in entries.items() if k != "total")
+    body = {"input": ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"], "timings": True}
+    response = client.post("/v1/embeddings", json=body)
+    entries = {k: float(v) for k, v in re.findall(r"(\w+);dur=([0-9.]+)", response.headers["server-timing"])}
+    assert list(entries) == [*Stage, "total"], "one entry per stage, in order, then the total"
+    images = [item["stages"] for item in response.json()["timings"]]
+    assert len(images) == 3
+    for stage in Stage:
+        # A stage's window runs from the first image handed to it to the last one done: it holds
+        # every image's own wait + work in that stage.
+        longest = max(image[stage]["queue_ms"] + image[stage]["work_ms"] for image in images)
+        assert entries[stage] >= longest - HEADER_ROUNDING_MS, (stage, entries, images)
+        assert entries["total"] >= entries[stage] - HEADER_ROUNDING_MS, (stage, entries)
+    # An image crosses the stages one after the other, all inside the request: its whole journey
+    # fits in the total, and so does the longest stage of the request.
+    journeys = [sum(times["queue_ms"] + times["work_ms"] for times in image.values()) for image in images]
+    assert entries["total"] >= max(journeys) - len(Stage) * 0.0005 - 0.05
+    assert entries[Stage.EMBED] > 0, "a forward pass of the model takes time"
     assert re.fullmatch(r"[0-9a-f]{32}", response.headers["x-trace-id"])
     assert response.headers["x-trace-id"] != "0" * 32
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import openai
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,7 +18,7 @@ from cliplens.experiment.inprocess import InProcessService
 from cliplens.settings import Settings
 from tests.conftest import photo_bytes, running
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[Litestar]
 TOKENS = ("first-token-0123456789", "second-token-abcdef")
 
 
@@ -67,11 +68,13 @@ def assert_unauthorized(response: object) -> None:
         {"Authorization": f"Basic {TOKENS[0]}"},
         {"Authorization": f"Token {TOKENS[0]}"},
         bearer(f"{TOKENS[0]},{TOKENS[1]}"),
-        {"Authorization": "Bearer é\u00ff".encode("latin-1")},
+        {b"Authorization": "Bearer é\u00ff".encode("latin-1")},
     ],
     ids=["none", "wrong", "prefix", "longer", "empty", "no-scheme", "basic", "token", "both", "latin-1"],
 )
-def test_the_api_answers_401_without_a_valid_token(client: Client, headers: dict[str, str | bytes]) -> None:
+def test_the_api_answers_401_without_a_valid_token(
+    client: Client, headers: Mapping[str, str] | Mapping[bytes, bytes]
+) -> None:
     served = images_served(client)
     assert_unauthorized(client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]}, headers=headers))
     assert_unauthorized(client.get("/v1/models", headers=headers))
@@ -114,7 +117,7 @@ def test_the_comparison_checks_every_token_on_equal_length_digests(monkeypatch: 
         calls.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)  # what cliplens.api.auth calls
     tokens = ("a", "b" * 100, "c" * 5)
     for presented, expected in (
         ("a", True),

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 
 from cliplens.settings import Settings
 from tests.conftest import TINY_ARCHITECTURE, running
-from tests.unit.test_preprocess import REAL_PHOTO
+from tests.harness.open_clip_reference import REAL_PHOTO
 
 
 def reference_vector(model_name: str, data: bytes) -> np.ndarray:

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cliplens.experiment.inprocess import free_port
 from cliplens.settings import Settings
 from tests.conftest import BUCKET, running
-from tests.servers import FakeGcs, free_port
+from tests.harness.servers import FakeGcs
 
 
 @pytest.fixture

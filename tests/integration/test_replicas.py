@@ -2,7 +2,7 @@
 
 One run (module fixture), on loopback:
 
-- three `cliplens serve` processes (tests/replicas.py) with the settings of the `cpu` overlay's
+- three `cliplens serve` processes (tests/harness/replicas.py) with the settings of the `cpu` overlay's
   rendered ConfigMap and the Deployment's OTEL_RESOURCE_ATTRIBUTES (its `$(POD_NAME)` expanded as
   the kubelet does), model and photos swapped for the tiny test ones;
 - HAProxy running the compose stack's deploy/compose/haproxy.cfg, round-robin over the three;
@@ -12,8 +12,9 @@ One run (module fixture), on loopback:
   Deployment, the port annotation set to each replica's port), plus a collector pod and a Pending
   pod that the relabelling must drop;
 - an OTLP receiver that all three export their spans to;
-- the load of tests/integration/test_prometheus.py (closed-loop concurrency 1, 2, 4, 8), sent
-  through the proxy, with every `Server-Timing` header and per-image `timings` body kept.
+- the load of tests/integration/test_prometheus.py (tests/harness/stage_load.py: closed-loop
+  concurrency 1, 2, 4, 8), sent through the proxy, with every `Server-Timing` header and
+  per-image `timings` body kept.
 
 Then: Prometheus sees exactly the three pods, by name; every dashboard query returns data for all
 of them, for each one, and for each stage; cluster-wide min / max / mean per stage equal what the
@@ -40,10 +41,29 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration import test_prometheus as single
-from tests.manifests import KUBERNETES, Manifest, container, find, render, settings
-from tests.replicas import Haproxy, ServeProcess
-from tests.servers import HttpOtlpReceiver
+from cliplens.vocabulary import IMAGE_WORK_STAGES, Stage
+from tests.harness.dashboards import (
+    BODY_TOLERANCE_S,
+    DASHBOARDS,
+    HEADER_TOLERANCE_S,
+    assert_every_panel_has_data,
+    assert_exemplars_match_the_load,
+    assert_in_flight_within_levels_and_errors_counted,
+    assert_per_image_work_and_wait_match,
+    assert_request_stages_match,
+    assert_rules_load_and_evaluate,
+    bucket_bounds,
+    evaluate,
+    has_data,
+    range_table,
+    span,
+    targets,
+)
+from tests.harness.manifests import KUBERNETES, Manifest, container, find, render, settings
+from tests.harness.prometheus import SCRAPE_S, PrometheusServer
+from tests.harness.replicas import Haproxy, ServeProcess
+from tests.harness.servers import HttpOtlpReceiver
+from tests.harness.stage_load import EXTREMES_WINDOW_S, PHOTOS, Run, drive
 
 pytestmark = pytest.mark.slow  # about 80 s: three replicas, four load levels, the autoscaling window
 
@@ -77,8 +97,9 @@ def meta_labels(manifest_pod: Manifest, namespace: str, name: str, phase: str, p
     return labels
 
 
-class KubernetesPrometheus(single.PrometheusServer):
-    """The real Prometheus of test_prometheus.py, running deploy/kubernetes/prometheus/prometheus.yml.
+class KubernetesPrometheus(PrometheusServer):
+    """The harness's real Prometheus (as in test_prometheus.py), running
+    deploy/kubernetes/prometheus/prometheus.yml.
 
     Kubernetes discovery is replaced by a file of the same targets and meta labels (Debian's
     Prometheus is built without Kubernetes discovery, and there is no cluster here); everything
@@ -90,7 +111,7 @@ class KubernetesPrometheus(single.PrometheusServer):
             workdir, target="unused:0"
         )  # copies observability/ (the rules) and the binary set-up
         config = yaml.safe_load(KUBERNETES_PROMETHEUS.read_text())
-        interval = f"{single.SCRAPE_S}s"
+        interval = f"{SCRAPE_S}s"
         config["global"].update(
             scrape_interval=interval, scrape_timeout=interval, evaluation_interval=interval
         )
@@ -105,8 +126,8 @@ class KubernetesPrometheus(single.PrometheusServer):
 
 @dataclass
 class Replicated:
-    run: single.Run
-    """What test_prometheus.py's checks read; `target` is the first pod."""
+    run: Run
+    """What the harness's checks read; `target` is the first pod."""
     proxy: Haproxy
     replicas: list[ServeProcess]
     receiver: HttpOtlpReceiver
@@ -131,7 +152,7 @@ def replica_environment(
         CLIPLENS_IMAGE_ROOT=str(photo_dir),
         CLIPLENS_CPU_WORKERS="1",
         CLIPLENS_TORCH_THREADS="1",
-        CLIPLENS_EXTREMES_WINDOW_S=str(single.EXTREMES_WINDOW_S),
+        CLIPLENS_EXTREMES_WINDOW_S=str(EXTREMES_WINDOW_S),
         CLIPLENS_LOG_LEVEL="WARNING",
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
         # The overlay samples 10 %: here every request, so every one can be checked.
@@ -240,13 +261,13 @@ def replicated(
         while len(prometheus.instant('up{job="cliplens"} == 1', time.time())) < len(PODS):
             assert time.monotonic() < deadline, f"not all pods scraped: {prometheus.log_path.read_text()}"
             time.sleep(0.2)
-        time.sleep(3 * single.SCRAPE_S)  # a few idle scrapes: the signal's value before any load
+        time.sleep(3 * SCRAPE_S)  # a few idle scrapes: the signal's value before any load
         idle_before = time.time()
         start = time.time()
-        levels = asyncio.run(single._drive(proxy.url, prometheus))
+        levels = asyncio.run(drive(proxy.url, prometheus))
         load_ended = max(level.ended for level in levels)
         last_scrape = prometheus.value('max(timestamp(up{job="cliplens"}))', time.time())
-        run = single.Run(prometheus, PODS[0], levels, start, last_scrape)
+        run = Run(prometheus, PODS[0], levels, start, last_scrape)
         yield Replicated(
             run, proxy, replicas, receiver, manifests, load_ended, idle_before, instances, load_ended
         )
@@ -270,7 +291,7 @@ def test_a_callers_trace_continues_on_whichever_replica_the_proxy_picks(replicat
             trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
             response = client.post(
                 "/v1/embeddings",
-                json={"input": list(single.PHOTOS)},
+                json={"input": list(PHOTOS)},
                 headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
             )
             assert response.status_code == 200
@@ -284,7 +305,7 @@ def test_a_callers_trace_continues_on_whichever_replica_the_proxy_picks(replicat
     for trace_id, parent_id in sent.items():
         trace = [s for s in spans if s.trace_id == trace_id and s.name != "embed batch"]
         (server,) = [s for s in trace if s.parent_span_id == parent_id]
-        assert {s.name for s in trace} >= {"load", "decode", "preprocess", "embed"}
+        assert {s.name for s in trace} >= set(Stage)
         ids = {s.span_id for s in trace}
         assert all(s.parent_span_id in ids for s in trace if s is not server), (
             "one tree under the caller's span"
@@ -335,32 +356,32 @@ def test_round_robin_gave_every_replica_its_share(replicated: Replicated) -> Non
 # ---- the dashboard across replicas ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", single.DASHBOARDS, ids=[p.stem for p in single.DASHBOARDS])
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
 def test_every_panel_query_returns_data_for_all_replicas(replicated: Replicated, path: Path) -> None:
-    single.test_every_panel_query_returns_data_for_all_stages_and_instances(replicated.run, path)
+    assert_every_panel_has_data(replicated.run, path)
 
 
-@pytest.mark.parametrize("path", single.DASHBOARDS, ids=[p.stem for p in single.DASHBOARDS])
+@pytest.mark.parametrize("path", DASHBOARDS, ids=[p.stem for p in DASHBOARDS])
 def test_every_panel_query_returns_data_for_each_replica_and_each_stage(
     replicated: Replicated, path: Path
 ) -> None:
     """Drilled into one replica and one stage: every replica and every stage come up at least once."""
     dashboard = json.loads(path.read_text())
     empty = []
-    for i, stage in enumerate(single.STAGES):
+    for i, stage in enumerate(Stage):
         pod = PODS[i % len(PODS)]
         instance = re.escape(pod).replace("\\", "\\\\")  # as Grafana escapes a value for PromQL
         variables = {"instance": instance, "stage": stage, "work_stage": stage}
-        for title, target in single.targets(dashboard):
-            if stage not in single.WORK_STAGES and "$work_stage" in target["expr"]:
+        for title, target in targets(dashboard):
+            if stage not in IMAGE_WORK_STAGES and "$work_stage" in target["expr"]:
                 continue  # `embed` has no per-image work: the work panels are not drawn for it
-            if not single.has_data(single.evaluate(replicated.run, target, variables)):
+            if not has_data(evaluate(replicated.run, target, variables)):
                 empty.append(f"[{pod}, {stage}] {title}: {target['expr']}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
 
 def test_the_instance_variable_lists_the_pods(replicated: Replicated) -> None:
-    dashboard = json.loads(single.DASHBOARDS[0].read_text())
+    dashboard = json.loads(DASHBOARDS[0].read_text())
     (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "instance"]
     match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"])
     assert match
@@ -384,13 +405,13 @@ def test_cluster_wide_request_stage_min_max_mean_match_server_timing_at_every_le
     failed = prometheus.value(f'min(min_over_time(up{{job="cliplens"}}[{whole_run}]))', run.end)
     assert failed == 1, "a scrape failed during the load: an extreme may be missed"
     for level in run.levels:
-        single.assert_request_stages_match(prometheus, level)
+        assert_request_stages_match(prometheus, level)
 
 
 def test_cluster_wide_per_image_work_and_wait_match_the_response_timings_at_every_level(
     replicated: Replicated,
 ) -> None:
-    single.test_per_image_work_and_wait_extremes_match_the_response_timings_at_every_level(replicated.run)
+    assert_per_image_work_and_wait_match(replicated.run)
 
 
 def test_the_dashboard_range_tables_agree_with_the_client_over_the_whole_run(replicated: Replicated) -> None:
@@ -398,37 +419,37 @@ def test_the_dashboard_range_tables_agree_with_the_client_over_the_whole_run(rep
     to the range's end: one end cannot be the last scrape of three unaligned targets, so they agree
     to within that extrapolation (at most 1.1 scrape intervals over the run's length)."""
     run = replicated.run
-    dashboard = json.loads(single.DASHBOARDS[0].read_text())
+    dashboard = json.loads(DASHBOARDS[0].read_text())
     images = [s for s in run.sent if s.modality == "image"]
     per_image = [image for s in run.sent for image in s.images]
-    drift = 1.1 * single.SCRAPE_S / (run.end - run.prometheus.started_at - 1.1 * single.SCRAPE_S)
+    drift = 1.1 * SCRAPE_S / (run.end - run.prometheus.started_at - 1.1 * SCRAPE_S)
     for title, label, seen, tolerance in (
         (
             "Per request, over the selected range",
             "stage",
-            {st: [s.stages_s[st] for s in images if st in s.stages_s] for st in single.STAGES},
-            single.HEADER_TOLERANCE_S,
+            {st: [s.stages_s[st] for s in images if st in s.stages_s] for st in Stage},
+            HEADER_TOLERANCE_S,
         ),
         (
             "Per image queue wait, over the selected range",
             "stage",
-            {st: [i[st]["queue_ms"] for i in per_image if st in i] for st in single.STAGES},
-            single.BODY_TOLERANCE_S,
+            {st: [i[st]["queue_ms"] for i in per_image if st in i] for st in Stage},
+            BODY_TOLERANCE_S,
         ),
         (
             "Per image work, over the selected range",
             "stage",
-            {st: [i[st]["work_ms"] for i in per_image if st in i] for st in single.WORK_STAGES},
-            single.BODY_TOLERANCE_S,
+            {st: [i[st]["work_ms"] for i in per_image if st in i] for st in IMAGE_WORK_STAGES},
+            BODY_TOLERANCE_S,
         ),
         (
             "Whole request, over the selected range",
             "modality",
             {m: [s.stages_s["total"] for s in run.sent if s.modality == m] for m in ("image", "text")},
-            single.HEADER_TOLERANCE_S,
+            HEADER_TOLERANCE_S,
         ),
     ):
-        table = single.range_table(run, dashboard, title, label)
+        table = range_table(run, dashboard, title, label)
         for key, values in seen.items():
             what = f"{title}: {key}"
             assert table["min"][key] == pytest.approx(min(values), abs=tolerance), what
@@ -450,13 +471,11 @@ def quantile_bounds(values: list[float], q: float, tolerance: float, drift: floa
     ranked = sorted(values)
     lowest = max(math.ceil(q * len(values) / (1 + drift)) - 1, 0)
     highest = min(math.ceil(q * len(values) * (1 + drift)), len(values)) - 1
-    return single.bucket_bounds(ranked[lowest] - tolerance)[0], single.bucket_bounds(
-        ranked[highest] + tolerance
-    )[1]
+    return bucket_bounds(ranked[lowest] - tolerance)[0], bucket_bounds(ranked[highest] + tolerance)[1]
 
 
 def test_in_flight_stays_within_each_level_and_errors_are_counted_by_code(replicated: Replicated) -> None:
-    single.test_in_flight_stays_within_each_level_and_errors_are_counted_by_code(replicated.run)
+    assert_in_flight_within_levels_and_errors_counted(replicated.run)
 
 
 def test_the_exact_in_flight_peaks_see_what_the_sampled_gauges_miss(replicated: Replicated) -> None:
@@ -465,7 +484,7 @@ def test_the_exact_in_flight_peaks_see_what_the_sampled_gauges_miss(replicated: 
     run = replicated.run
     prometheus = run.prometheus
     for level in run.levels:
-        window = single.span(level)
+        window = span(level)
         busiest = prometheus.value(
             f"max(max_over_time(cliplens_requests_in_flight_max[{window}]))", level.ended
         )
@@ -479,11 +498,11 @@ def test_the_exact_in_flight_peaks_see_what_the_sampled_gauges_miss(replicated: 
 
 
 def test_exemplars_carry_the_trace_ids_and_values_of_the_load(replicated: Replicated) -> None:
-    single.test_exemplars_carry_the_trace_ids_and_values_of_the_load(replicated.run)
+    assert_exemplars_match_the_load(replicated.run)
 
 
 def test_recording_and_alerting_rules_load_and_evaluate(replicated: Replicated) -> None:
-    single.test_recording_and_alerting_rules_load_and_evaluate(replicated.run)
+    assert_rules_load_and_evaluate(replicated.run)
 
 
 # ---- autoscaling ------------------------------------------------------------------------------
@@ -508,13 +527,13 @@ def test_the_keda_query_rises_under_load_and_falls_back_to_zero_after_it(replica
     # The recorded per-replica signal is the same query over the replicas; compared at the rule's
     # own last evaluation (up to one scrape may differ between the two: rule and query run apart).
     ((stamp, recorded),) = prometheus.instant(
-        f"job:cliplens_images_in_flight:per_replica_avg30s[{2 * single.SCRAPE_S}s]", busiest.ended
+        f"job:cliplens_images_in_flight:per_replica_avg30s[{2 * SCRAPE_S}s]", busiest.ended
     )[0]["values"][-1:]
     replicas = prometheus.value("count(up{job='cliplens'} == 1)", float(stamp))
     assert replicas == len(PODS)
     expected = prometheus.value(query, float(stamp)) / replicas
     assert float(recorded) == pytest.approx(expected, rel=0.25, abs=0.5)
-    settle = max(replicated.load_ended, replicated.quiet_since) + window_s + 2 * single.SCRAPE_S + 0.5
+    settle = max(replicated.load_ended, replicated.quiet_since) + window_s + 2 * SCRAPE_S + 0.5
     time.sleep(max(0.0, settle - time.time()))
     assert prometheus.value(query, time.time()) == 0, "the signal did not fall back after the load"
 
@@ -531,9 +550,7 @@ def test_a_replica_that_gets_sigterm_mid_load_fails_no_request_and_exits_zero(re
     def load() -> None:
         with httpx.Client(base_url=replicated.proxy.url, timeout=60) as client:
             while not stop.is_set():
-                statuses.append(
-                    client.post("/v1/embeddings", json={"input": list(single.PHOTOS)}).status_code
-                )
+                statuses.append(client.post("/v1/embeddings", json={"input": list(PHOTOS)}).status_code)
 
     workers = [threading.Thread(target=load) for _ in range(3)]
     for worker in workers:

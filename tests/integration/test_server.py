@@ -12,11 +12,12 @@ import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
+from PIL import Image
 
-from cliplens.experiment.inprocess import InProcessService
+from cliplens.experiment.inprocess import InProcessService, free_port
 from cliplens.experiment.processes import wait_until_answering
 from cliplens.settings import Settings
-from tests.servers import child_environment, free_port
+from tests.harness.servers import child_environment
 
 
 def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -> None:
@@ -122,4 +123,8 @@ def test_demo_runs_end_to_end_and_prints_the_stage_table(settings: Settings, tmp
     assert [s["key"] for s in results["scenarios"]] == ["1x1", "3x1", "1x8"]
     assert [s["summary"]["images_ok"] for s in results["scenarios"]] == [1, 3, 8]
     assert f"figure: {tmp_path / 'results.png'}" in result.stdout.replace("\n", "")
-    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(tmp_path / "results.png") as figure:
+        assert figure.format == "PNG"
+        assert figure.size[0] >= 800 and figure.size[1] >= 600
+        pixels = np.asarray(figure.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "the figure is blank"

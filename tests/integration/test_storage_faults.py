@@ -1,6 +1,6 @@
 """Storage faults end in the documented item code or a successful retry, and leak nothing.
 
-Two storages: the fault-injecting stand-in (tests/faulty_gcs.py), which scripts each object's
+Two storages: the fault-injecting stand-in (tests/harness/faulty_gcs.py), which scripts each object's
 misbehaviour, and the real fake-gcs-server, stopped and restarted under a running service.
 Timeouts and the byte cap are shrunk in the settings so that every fault resolves in about a second.
 """
@@ -18,18 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
+from cliplens.experiment.inprocess import free_port
 from cliplens.pipeline.references import GcsReference
 from cliplens.pipeline.sources import GcsSource
 from cliplens.settings import Settings
 from tests.conftest import running
-from tests.faulty_gcs import Endless, FaultyGcs, Reset, Serve, Status, Trickle, gzip_bomb
-from tests.servers import FakeGcs, child_environment, free_port
+from tests.harness.faulty_gcs import Endless, FaultyGcs, Reset, Serve, Status, Trickle, gzip_bomb
+from tests.harness.servers import FakeGcs, child_environment
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[Litestar]
 BUCKET = "photos"
 CAP = 512 * 1024
 """The byte cap of these tests; the photos are 60-150 kB, the oversized objects 4x the cap."""

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplens.settings import Settings
+from cliplens.vocabulary import Stage
 from tests.conftest import running
-from tests.servers import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
-
-STAGES = ("load", "decode", "preprocess", "embed")
+from tests.harness.servers import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
 
 
 @pytest.fixture(params=["grpc", "http/protobuf"])
@@ -44,7 +44,9 @@ def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 def test_stage_spans_reach_the_receiver_under_the_request_span(
     settings: Settings, receiver: GrpcOtlpReceiver | HttpOtlpReceiver
 ) -> None:
-    protocol = "grpc" if isinstance(receiver, GrpcOtlpReceiver) else "http/protobuf"
+    protocol: Literal["grpc", "http/protobuf"] = (
+        "grpc" if isinstance(receiver, GrpcOtlpReceiver) else "http/protobuf"
+    )
     traced = dataclasses.replace(
         settings, otlp_endpoint=receiver.endpoint, otlp_protocol=protocol, service_name="cliplens-test"
     )
@@ -63,21 +65,22 @@ def test_stage_spans_reach_the_receiver_under_the_request_span(
     root = roots[0]
     assert root.service_name == "cliplens-test"
     by_name: dict[str, ReceivedSpan] = {s.name: s for s in in_trace}
-    assert sorted(by_name) == sorted([root.name, *STAGES])
-    for stage in STAGES:
+    assert sorted(by_name) == sorted([root.name, *Stage])
+    for stage in Stage:
         assert by_name[stage].parent_span_id == root.span_id
 
     load_events = {e[2]["cliplens.image.ref"]: e[2] for e in by_name["load"].events if e[0] == "image"}
     assert set(load_events) == set(inputs)
     assert load_events["album/nope.jpg"]["cliplens.image.error"] == "not_found"
-    assert load_events["album/1/a.jpg"]["cliplens.image.bytes"] > 0
+    loaded_bytes = load_events["album/1/a.jpg"]["cliplens.image.bytes"]
+    assert isinstance(loaded_bytes, int) and loaded_bytes > 0
     assert by_name["load"].status_code == 2
     assert by_name["load"].attributes["cliplens.images"] == 3
     decode_refs = {e[2]["cliplens.image.ref"] for e in by_name["decode"].events}
     assert decode_refs == {"album/1/a.jpg", "album/2/c.jpg"}
 
     timing = server_timing(response.headers["server-timing"])
-    for stage in STAGES:
+    for stage in Stage:
         assert timing[stage] == pytest.approx(by_name[stage].duration_ms, abs=0.051)
 
     batches = [s for s in spans if s.name == "embed batch"]
@@ -109,7 +112,7 @@ def test_metrics_count_exactly_what_was_sent(settings: Settings) -> None:
     assert value(found, "cliplens_image_stage_seconds_count", stage="decode") == 3
     assert value(found, "cliplens_image_stage_seconds_count", stage="preprocess") == 3
     assert value(found, "cliplens_stage_queue_seconds_count", stage="embed") == 3
-    for stage in STAGES:
+    for stage in Stage:
         assert value(found, "cliplens_request_stage_seconds_count", stage=stage) == 2
     assert value(found, "cliplens_request_seconds_count", modality="image") == 2
     assert value(found, "cliplens_request_seconds_count", modality="text") == 1
@@ -175,10 +178,11 @@ def test_exact_extremes_and_per_image_timings_agree_with_server_timing(settings:
     )
     first = responses[1].json()["timings"]
     assert [t["index"] for t in first] == [0, 1, 2]
-    assert set(first[0]["stages"]) == {"load", "decode", "preprocess", "embed"}
+    assert set(first[0]["stages"]) == set(Stage)
     assert "timings" not in client_free_body(settings)
 
 
 def client_free_body(settings: Settings) -> dict[str, object]:
     with running(settings) as client:
-        return client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]}).json()
+        body: dict[str, object] = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]}).json()
+    return body

@@ -16,6 +16,7 @@ from cliplens.pipeline.batcher import Batcher
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline
+from cliplens.vocabulary import Modality, Stage
 
 
 class RecordingModel:
@@ -54,11 +55,11 @@ async def _request(
 ) -> list[float]:
     tracer = tracer_provider.get_tracer("t")
     with tracer.start_as_current_span("request") as span:
-        timeline = RequestTimeline(metrics, "image", span.get_span_context())
+        timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
         batcher.expect(len(values))
         vectors = await asyncio.gather(
             *(
-                batcher.embed(image(v), timeline.enter(i, "embed", str(v)), span.get_span_context())
+                batcher.embed(image(v), timeline.enter(i, Stage.EMBED, str(v)), span.get_span_context())
                 for i, v in enumerate(values)
             )
         )
@@ -115,13 +116,17 @@ def test_the_worker_waits_for_announced_images_up_to_the_maximum() -> None:
             provider = TracerProvider()
             tracer = provider.get_tracer("t")
             with tracer.start_as_current_span("request") as span:
-                timeline = RequestTimeline(metrics, "image", span.get_span_context())
+                timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
                 ctx = span.get_span_context()
                 batcher.expect(3)
-                first = asyncio.ensure_future(batcher.embed(image(1), timeline.enter(0, "embed", "a"), ctx))
+                first = asyncio.ensure_future(
+                    batcher.embed(image(1), timeline.enter(0, Stage.EMBED, "a"), ctx)
+                )
                 await asyncio.sleep(0.2)
                 assert model.batches == []
-                second = asyncio.ensure_future(batcher.embed(image(2), timeline.enter(1, "embed", "b"), ctx))
+                second = asyncio.ensure_future(
+                    batcher.embed(image(2), timeline.enter(1, Stage.EMBED, "b"), ctx)
+                )
                 batcher.withdraw(1)
                 await asyncio.gather(first, second)
         finally:
@@ -143,9 +148,9 @@ def test_batch_spans_link_to_the_requests_they_served() -> None:
         try:
             with tracer.start_as_current_span("request") as span:
                 contexts.append((span.get_span_context().trace_id, span.get_span_context().span_id))
-                timeline = RequestTimeline(metrics, "image", span.get_span_context())
+                timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
                 batcher.expect(1)
-                await batcher.embed(image(3), timeline.enter(0, "embed", "x"), span.get_span_context())
+                await batcher.embed(image(3), timeline.enter(0, Stage.EMBED, "x"), span.get_span_context())
         finally:
             await batcher.close()
         return exporter, contexts
@@ -154,6 +159,7 @@ def test_batch_spans_link_to_the_requests_they_served() -> None:
     batches = [s for s in exporter.get_finished_spans() if s.name == "embed batch"]
     assert len(batches) == 1
     assert [(link.context.trace_id, link.context.span_id) for link in batches[0].links] == contexts
+    assert batches[0].attributes is not None
     assert batches[0].attributes["cliplens.batch.size"] == 1
     assert batches[0].parent is None
 

@@ -3,26 +3,15 @@
 import io
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-import open_clip
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.pipeline.decode import decode_image, decode_on_device
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
-
-REAL_PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
-
-def reference(data: bytes, cfg: dict[str, object] | None = None) -> torch.Tensor:
-    transform = open_clip.transform.image_transform_v2(
-        open_clip.transform.PreprocessCfg(**(cfg or {})), is_train=False
-    )
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    return transform(image)
+from tests.harness.open_clip_reference import REAL_PHOTO, fidelity, reference
 
 
 def ours(data: bytes, config: PreprocessConfig, device_decode: bool = False) -> torch.Tensor:
@@ -39,11 +28,6 @@ def cmyk_jpeg(path: Path) -> bytes:
     buffer = io.BytesIO()
     Image.open(path).convert("CMYK").save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
-
-
-def fidelity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    diff = (a - b).abs().flatten()
-    return float(diff.mean()), float(diff.quantile(0.99))
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.processes import stop_process, wait_until_answering
-from tests.servers import child_environment, free_port
+from tests.harness.servers import child_environment
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_HAPROXY = ROOT / "deploy" / "compose" / "haproxy.cfg"
 
 

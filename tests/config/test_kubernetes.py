@@ -1,6 +1,6 @@
 """The Kubernetes deployment (deploy/kubernetes), rendered and validated offline.
 
-Each overlay is rendered by kustomize (`kubectl kustomize`, tests/manifests.py), alone and with the
+Each overlay is rendered by kustomize (`kubectl kustomize`, tests/harness/manifests.py), alone and with the
 optional components on top, and every object is validated:
 
 - Kubernetes' own kinds against the OpenAPI schemas of Kubernetes 1.30 shipped in the
@@ -33,7 +33,7 @@ from cloudcoil.models.keda.v1alpha1 import ScaledObject
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
 from cliplens.telemetry.metrics import Metrics
-from tests.manifests import (
+from tests.harness.manifests import (
     KUBERNETES,
     OVERLAYS,
     ROOT,
@@ -428,8 +428,8 @@ def test_pods_send_otlp_to_the_collector_which_forwards_to_jaeger(
         port = int(config["receivers"]["otlp"]["protocols"][protocol]["endpoint"].rpartition(":")[2])
         assert port in service_ports
     endpoint = settings(manifests, find(manifests, "Deployment", "cliplens"))["OTEL_EXPORTER_OTLP_ENDPOINT"]
-    host, _, port = endpoint.removeprefix("http://").partition(":")
-    assert host == "otel-collector" and int(port) in service_ports
+    host, _, host_port = endpoint.removeprefix("http://").partition(":")
+    assert host == "otel-collector" and int(host_port) in service_ports
     (exporter,) = pipeline["exporters"]
     jaeger_host, _, jaeger_port = config["exporters"][exporter]["endpoint"].partition(":")
     jaeger = find(manifests, "Service", jaeger_host)

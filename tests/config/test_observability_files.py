@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import exemplar_for
+from cliplens.vocabulary import Stage
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -374,7 +375,7 @@ def test_the_stage_latency_dashboard_has_what_the_issue_asks_for() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     for name in ("stage", "instance"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
-    assert variables["stage"]["query"].split(",") == ["load", "decode", "preprocess", "embed"]
+    assert variables["stage"]["query"].split(",") == list(Stage), "every stage, in order"
     exprs = [target["expr"] for _, target in targets(dashboard)]
     for family in (
         "cliplens_request_stage",

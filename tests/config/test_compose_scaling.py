@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from cliplens.settings import Settings
-from tests.replicas import COMPOSE_HAPROXY, Haproxy, haproxy_config
+from tests.harness.replicas import COMPOSE_HAPROXY, Haproxy, haproxy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,6 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 import httpx
@@ -38,6 +39,10 @@ class FakeGcs(FakeGcsServer):
 
     def __init__(self, log_path: Path, port: int | None = None) -> None:
         super().__init__(log_path, port=port or 0)
+
+    def start(self, timeout_s: float = 20.0) -> Self:
+        super().start(timeout_s)
+        return self
 
     def upload(self, bucket: str, name: str, data: bytes, content_type: str = "image/jpeg") -> None:
         response = httpx.post(
