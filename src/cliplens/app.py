@@ -23,6 +23,7 @@ from cliplens.api.errors import EXCEPTION_HANDLERS
 from cliplens.api.health import healthz, readyz
 from cliplens.api.metrics import metrics
 from cliplens.api.models import list_models
+from cliplens.api.requests import CliplensRequest
 from cliplens.runtime import Runtime
 from cliplens.settings import Settings
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings, on_fatal: Callable[[BaseException], None] | N
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
+        request_class=CliplensRequest,
         logging_config=None,
         openapi_config=OpenAPIConfig(title="cliplens", version=__version__, path="/schema"),
     )

@@ -47,6 +47,8 @@ class Runtime:
         """Start a graceful shutdown: readiness turns 503 and new work is refused from now on."""
         if not self.draining:
             log.info("draining: readiness is now 503 and new requests are refused")
+            if self._service is not None:
+                self._service.drain(self.settings.shutdown_grace_s)
         self.draining = True
 
     @property

@@ -118,7 +118,7 @@ class Settings:
     body_timeout_s: Annotated[float, _Positive] = 30.0
     """Longest wait for the next piece of a request body; then 408 and the connection is closed."""
     max_connections: Annotated[int, _AtLeastOne] = 1024
-    """Open connections at most; one more is answered 503 `overloaded` at once and closed."""
+    """Open connections at most; one more is answered 429 `overloaded` at once and closed."""
     api_tokens: Annotated[tuple[str, ...], _Csv] = field(default=(), repr=False)
     """Bearer tokens accepted on the API routes, comma-separated; empty = no authentication."""
 

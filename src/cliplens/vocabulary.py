@@ -56,6 +56,7 @@ class ErrorCode(StrEnum):
     DECODE_FAILED = "decode_failed"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
+    TEXT_TOO_LONG = "text_too_long"
 
 
 class ItemError(Exception):
@@ -83,6 +84,7 @@ class RequestErrorCode(StrEnum):
     ROUTE_NOT_FOUND = "route_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     INVALID_REQUEST = "invalid_request"
+    REQUEST_TIMEOUT = "request_timeout"
     OVERLOADED = "overloaded"
     MODEL_NOT_READY = "model_not_ready"
     SHUTTING_DOWN = "shutting_down"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from litestar import Litestar
 from litestar.testing import TestClient
 
 from tests.conftest import photo_bytes
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[Litestar]
 
 
 def test_an_unknown_path_and_a_wrong_method_are_json_with_a_code(client: Client) -> None:

@@ -14,7 +14,6 @@ import dataclasses
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,90 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 from PIL import Image, ImageOps
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.settings import Settings
 from tests.conftest import BUCKET, photo_bytes, running
-from tests.hostile_bytes import jpeg_claiming, png_claiming
-from tests.servers import FakeGcs
+from tests.harness.hostile_bytes import HOSTILE_FILES, MAX_IMAGE_BYTES, PHOTO, jpeg_claiming, save
+from tests.harness.servers import FakeGcs
 
-Client = TestClient  # type: ignore[type-arg]
-MAX_IMAGE_BYTES = 1024 * 1024
+Client = TestClient[Litestar]
 GOOD = ("good/a.jpg", "good/b.jpg")
-
-
-def save(image: Image.Image, fmt: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-PHOTO = render_photo(31, 640, 480)
 OTHER = render_photo(32, 640, 480)
-JPEG = encode_jpeg(PHOTO)
-
-
-# hostile bytes
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    data = bytearray(save(Image.new("P", (8, 8)), "GIF"))
-    data[6:10] = struct.pack("<HH", width, height)
-    return bytes(data)
-
-
-def bmp_claiming(width: int, height: int) -> bytes:
-    data = bytearray(save(Image.new("RGB", (8, 8)), "BMP"))
-    data[18:26] = struct.pack("<ii", width, height)
-    return bytes(data)
-
-
-def tiff_claiming(width: int, height: int) -> bytes:
-    data = bytearray(save(Image.new("RGB", (8, 8)), "TIFF"))
-    ifd = struct.unpack("<I", data[4:8])[0]
-    for entry in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
-        at = ifd + 2 + 12 * entry
-        (tag,) = struct.unpack("<H", data[at : at + 2])
-        if tag in (256, 257):  # ImageWidth, ImageLength
-            value = width if tag == 256 else height
-            data[at + 2 : at + 12] = struct.pack("<HII", 4, 1, value)
-    return bytes(data)
-
-
-def zeroed(data: bytes, start: int, end: int) -> bytes:
-    return data[:start] + b"\0" * (end - start) + data[end:]
-
-
-HOSTILE_FILES: dict[str, tuple[bytes, str]] = {
-    "empty.jpg": (b"", "decode_failed"),
-    "random.jpg": (np.random.default_rng(6).bytes(4096), "unsupported_format"),
-    "error-page.jpg": (
-        b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
-        "unsupported_format",
-    ),
-    "truncated.jpg": (JPEG[: len(JPEG) // 3], "decode_failed"),
-    "truncated-late.jpg": (JPEG[: len(JPEG) * 9 // 10], "decode_failed"),
-    "header-only.jpg": (JPEG[:600], "decode_failed"),
-    "corrupt-middle.png": (zeroed(save(PHOTO, "PNG"), 200, 700), "decode_failed"),
-    "bomb.png": (png_claiming(25_000, 25_000), "too_large"),
-    "bomb.jpg": (jpeg_claiming(60_000, 60_000), "too_large"),
-    "bomb.gif": (gif_claiming(65_535, 65_535), "too_large"),
-    "bomb.bmp": (bmp_claiming(30_000, 30_000), "too_large"),
-    "bomb.tiff": (tiff_claiming(40_000, 40_000), "too_large"),
-    "over-byte-cap.jpg": (JPEG + b"\0" * MAX_IMAGE_BYTES, "too_large"),
-    "netpbm.jpg": (save(PHOTO, "PPM"), "unsupported_format"),
-    "icon.png": (save(PHOTO.resize((64, 48)), "ICO"), "unsupported_format"),
-    "targa.jpg": (save(PHOTO, "TGA"), "unsupported_format"),
-    "qoi.png": (save(PHOTO, "QOI"), "unsupported_format"),
-    "vector.jpg": (
-        b'<svg xmlns="http://www.w3.org/2000/svg" width="9e9" height="9e9"/>',
-        "unsupported_format",
-    ),
-    "document.jpg": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "unsupported_format"),
-    "heic.jpg": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 64, "unsupported_format"),
-}
 
 
 # odd but valid images: (the odd file, its explicit equivalent, a wrong rendition of it)
@@ -358,9 +286,10 @@ def test_the_device_decoder_path_gives_the_same_codes_and_embeddings(
 def test_the_pixel_cap_is_the_setting_not_pillows_own_limit(settings_hostile: Settings, layout: Path) -> None:
     """95 MP is above Pillow's built-in bomb limit (89 MP) and below the 100 MP default cap: refused
     only when the setting says so. The file is a small JPEG whose header claims 95 MP; once the cap
-    lets it through, libjpeg decodes it (at 1/8 scale, cheaply) with the missing blocks left grey."""
+    lets it through, libjpeg decodes it (at 1/8 scale, cheaply) and the scan ends long before its
+    last block: `decode_failed` (a cut JPEG), never `too_large`."""
     (layout / "claims-95mp.jpg").write_bytes(jpeg_claiming(10_000, 9_500))
-    for cap, code in ((100_000_000, "ok"), (90_000_000, "too_large")):
+    for cap, code in ((100_000_000, "decode_failed"), (90_000_000, "too_large")):
         with running(dataclasses.replace(settings_hostile, max_image_pixels=cap)) as client:
             codes, _ = outcome(embed(client, ["claims-95mp.jpg"]))
             assert codes == {0: code}, cap
@@ -398,7 +327,10 @@ refused = peak_since_reset_kib() - before
 # 3000 x 3000) with the cap lifted does allocate
 reset_peak()
 before = rss_kib()
-decode_image(pathlib.Path(sys.argv[2]).read_bytes(), 224, 10**10)
+try:
+    decode_image(pathlib.Path(sys.argv[2]).read_bytes(), 224, 10**10)
+except ItemError:
+    pass  # it is cut short too; the allocation being measured happens before that is found
 control = peak_since_reset_kib() - before
 print(json.dumps({"refused_kib": refused, "control_kib": control, "codes": codes}))
 """

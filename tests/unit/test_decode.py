@@ -7,7 +7,7 @@ from PIL import Image
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.pipeline.decode import BACKGROUND, decode_image, sniff_format
 from cliplens.vocabulary import ErrorCode, ItemError
-from tests.hostile_bytes import jpeg_claiming, png_claiming
+from tests.harness.hostile_bytes import jpeg_claiming, png_claiming
 
 MIN_SIDE = 448
 MAX_PIXELS = 100_000_000
@@ -48,6 +48,7 @@ def test_grayscale_becomes_three_equal_channels() -> None:
 def test_16_bit_png_is_scaled_not_clipped_to_white() -> None:
     ramp = np.tile(np.linspace(0, 65535, 256, dtype=np.uint16), (16, 1))
     pixels = decode_image(save(Image.fromarray(ramp), "PNG"), MIN_SIDE, MAX_PIXELS).pixels
+    assert isinstance(pixels, np.ndarray)
     row = pixels[0, :, 0].astype(int)
     assert row[0] == 0 and row[-1] == 255
     assert 120 <= row[128] <= 135
@@ -119,6 +120,7 @@ def test_device_decode_gives_a_chw_tensor_close_to_pillow() -> None:
     assert tuple(on_device.pixels.shape) == (3, 640, 480)
     assert on_device.size == (480, 640)
     pillow = decode_image(data, 10_000, MAX_PIXELS).pixels
+    assert isinstance(pillow, np.ndarray)
     difference = np.abs(on_device.pixels.permute(1, 2, 0).numpy().astype(int) - pillow.astype(int))
     assert difference.mean() < 1.5
 
@@ -136,3 +138,75 @@ def test_device_decode_keeps_the_header_checks_and_hands_other_formats_to_pillow
     assert isinstance(png.pixels, np.ndarray)
     cmyk = decode_on_device(save(render_photo(2, 64, 48).convert("CMYK"), "JPEG"), cpu, MIN_SIDE, MAX_PIXELS)
     assert isinstance(cmyk.pixels, np.ndarray) and cmyk.pixels.shape == (48, 64, 3)
+
+
+def with_end_marker(data: bytes, fraction: float) -> bytes:
+    """The first `fraction` of a JPEG, closed with an end-of-image marker, as a broken copy leaves it."""
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+PHOTO = render_photo(5, 1024, 768)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.9, 0.995])
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode_jpeg(PHOTO),
+        save(PHOTO, "JPEG", quality=95, subsampling=0, optimize=True),
+        save(PHOTO.convert("L"), "JPEG"),
+        save(PHOTO.convert("CMYK"), "JPEG"),
+        save(PHOTO, "JPEG", restart_marker_blocks=4),
+        save(Image.new("RGB", (800, 600), (128, 128, 128)), "JPEG"),
+    ],
+    ids=["camera", "444-optimised", "gray", "cmyk", "restart-markers", "mid-grey"],
+)
+@pytest.mark.parametrize("min_side", [MIN_SIDE, 10_000], ids=["dct-draft", "full-size"])
+def test_a_jpeg_cut_short_and_closed_with_an_end_marker_is_decode_failed(
+    data: bytes, fraction: float, min_side: int
+) -> None:
+    assert decode_image(data, min_side, MAX_PIXELS).size  # whole, it decodes
+    with pytest.raises(ItemError) as caught:
+        decode_image(with_end_marker(data, fraction), min_side, MAX_PIXELS)
+    assert caught.value.code == ErrorCode.DECODE_FAILED
+    assert "cut short" in caught.value.message
+
+
+def test_a_progressive_jpeg_cut_before_its_last_scan_is_decode_failed() -> None:
+    data = save(PHOTO, "JPEG", progressive=True)
+    last_scan = data.rfind(b"\xff\xda")
+    for cut in (len(data) // 50, len(data) // 4, last_scan - 100):
+        with pytest.raises(ItemError) as caught:
+            decode_image(data[:cut] + b"\xff\xd9", MIN_SIDE, MAX_PIXELS)
+        assert caught.value.code == ErrorCode.DECODE_FAILED
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGB", (800, 600), (128, 128, 128)),
+        Image.new("RGB", (97, 61), (128, 128, 128)),
+        Image.new("L", (640, 480), 128),
+        Image.new("CMYK", (640, 480), (128, 128, 128, 128)),
+    ],
+    ids=["rgb", "small-rgb", "gray", "cmyk"],
+)
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_whole_jpeg_ending_in_flat_mid_grey_is_not_taken_for_a_cut_one(
+    image: Image.Image, progressive: bool
+) -> None:
+    pixels = decode_image(save(image, "JPEG", progressive=progressive), MIN_SIDE, MAX_PIXELS).pixels
+    assert pixels.shape[:2] == (image.height, image.width)
+
+
+def test_device_decode_hands_a_jpeg_cut_short_to_pillow_which_refuses_it() -> None:
+    import torch
+
+    from cliplens.pipeline.decode import decode_on_device
+
+    data = encode_jpeg(PHOTO)
+    with pytest.raises(ItemError) as caught:
+        decode_on_device(with_end_marker(data, 0.6), torch.device("cpu"), MIN_SIDE, MAX_PIXELS)
+    assert caught.value.code == ErrorCode.DECODE_FAILED
+    grey = save(Image.new("RGB", (640, 480), (128, 128, 128)), "JPEG")  # whole: Pillow decodes it
+    assert decode_on_device(grey, torch.device("cpu"), MIN_SIDE, MAX_PIXELS).size == (640, 480)

@@ -1,8 +1,18 @@
+import asyncio
 import base64
 
 import pytest
 
-from cliplens.pipeline.references import GcsReference, InlineReference, LocalReference, ReferenceParser
+from cliplens.pipeline.references import (
+    DECODE_CHUNK_CHARS,
+    DataUriReference,
+    GcsReference,
+    InlineReference,
+    LocalReference,
+    ReferenceParser,
+    RefusedReference,
+)
+from cliplens.pipeline.sources import ImageSources
 from cliplens.vocabulary import ErrorCode, ItemError
 
 
@@ -75,3 +85,63 @@ def test_a_broken_data_uri_is_invalid(item: str) -> None:
 
 def test_without_any_default_source_a_bare_name_is_invalid() -> None:
     assert code_of("a.jpg", parser(local=False)) == ErrorCode.INVALID_REFERENCE
+
+
+def test_a_reference_too_long_to_name_any_object_is_refused_by_its_length_first() -> None:
+    for item in ("http://" + "a" * 2000, "gs://somebody-else/" + "a" * 2000, "é" * 700):
+        with pytest.raises(ItemError) as caught:
+            parser().parse(item)
+        assert caught.value.code == ErrorCode.INVALID_REFERENCE
+        assert "longer than any storage name" in caught.value.message, item[:20]
+
+
+def test_a_gs_uri_with_the_longest_object_name_is_still_a_reference() -> None:
+    name = "é" * 512  # 1,024 bytes of UTF-8: GCS's limit, exactly
+    assert parser().parse(f"gs://archive/{name}") == GcsReference("archive", name)
+    assert code_of(f"gs://archive/{name}x") == ErrorCode.INVALID_REFERENCE
+
+
+def big_parser() -> ReferenceParser:
+    return ReferenceParser(
+        buckets=frozenset(), default_bucket=None, has_local_root=True, max_image_bytes=2**24
+    )
+
+
+def test_a_large_data_uri_is_decoded_by_the_load_stage_not_while_parsing() -> None:
+    data = bytes(range(256)) * (3 * DECODE_CHUNK_CHARS // 256)  # 4 chunks of base64
+    item = f"data:image/png;base64, {base64.b64encode(data).decode()}\n"
+    reference = big_parser().parse(item)
+    assert isinstance(reference, DataUriReference)
+    assert reference.text is item  # not a copy
+    assert str(reference) == f"data:image/png;base64,...({len(data)} bytes)"
+    assert reference.decode() == data
+    sources = ImageSources(None, None, max_bytes=2**24)
+    assert not sources.needs_slot(reference)
+    assert asyncio.run(sources.read(reference)) == data
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "QUFB" * DECODE_CHUNK_CHARS + "@",  # outside the alphabet, in the last chunk
+        "QUFB" * (DECODE_CHUNK_CHARS // 8) + "é" + "QUFB" * DECODE_CHUNK_CHARS,  # not ASCII
+        "QUFB" * (DECODE_CHUNK_CHARS // 4 - 1) + "QQ==" + "QUFB" * 10,  # padding ending a chunk, not the URI
+        "QUFB" * DECODE_CHUNK_CHARS + "QUF",  # not a whole number of quanta
+    ],
+    ids=["alphabet", "non-ascii", "padding-mid-uri", "partial-quantum"],
+)
+def test_a_large_data_uri_with_broken_base64_is_invalid_when_decoded(payload: str) -> None:
+    reference = big_parser().parse(f"data:image/png;base64,{payload}")
+    assert isinstance(reference, DataUriReference)
+    with pytest.raises(ItemError) as caught:
+        reference.decode()
+    assert caught.value.code == ErrorCode.INVALID_REFERENCE
+
+
+def test_a_refused_reference_fails_with_its_error_without_any_io() -> None:
+    sources = ImageSources(None, None, max_bytes=10)
+    reference = RefusedReference(ErrorCode.TOO_LARGE, "the file is larger than 10 bytes", "big.jpg")
+    assert not sources.needs_slot(reference)
+    with pytest.raises(ItemError) as caught:
+        asyncio.run(sources.read(reference))
+    assert (caught.value.code, str(reference)) == (ErrorCode.TOO_LARGE, "big.jpg")

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from litestar import Controller, Request, Response, post
-from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, MultipartBody
+from litestar.params import JSONBody
 from opentelemetry import trace
 
 from cliplens.api.errors import trace_headers
@@ -28,23 +26,16 @@ from cliplens.api.schemas import (
     ItemTimings,
     StageTime,
     Usage,
+    echo,
 )
-from cliplens.pipeline.references import InlineReference, Reference
+from cliplens.api.uploads import UploadOperation, read_upload
+from cliplens.pipeline.references import Reference
 from cliplens.pipeline.service import Embeddings, EmbeddingService
 from cliplens.runtime import Runtime
 from cliplens.settings import Settings
 from cliplens.vocabulary import Modality, RequestError, RequestErrorCode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class UploadForm:
-    """multipart/form-data for /v1/embeddings/upload: one or more parts named `files`."""
-
-    files: list[UploadFile] = field(default_factory=list)
-    model: str | None = None
-    encoding_format: EncodingFormat = "float"
 
 
 def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
@@ -61,7 +52,7 @@ def _check_model(service: EmbeddingService, asked: str | None) -> None:
 
 def _unknown_model(asked: str, served: str) -> RequestError:
     return RequestError(
-        RequestErrorCode.MODEL_NOT_FOUND, f"model {asked!r} is not served here; this serves {served!r}"
+        RequestErrorCode.MODEL_NOT_FOUND, f"model {echo(asked)!r} is not served here; this serves {served!r}"
     )
 
 
@@ -94,7 +85,7 @@ def _respond(
             errors.append(
                 ItemErrorBody(
                     index=result.index,
-                    input=result.input,
+                    input=echo(result.input),
                     code=result.error.code.value,
                     message=result.error.message,
                 )
@@ -135,13 +126,19 @@ def _current_span() -> trace.SpanContext:
 
 
 async def refuse_early(request: Request[Any, Any, Any]) -> None:
-    """Before the body is read: 503 while loading or draining, 429 while already saturated.
+    """Before the body is read: 503 while loading or draining, 429 while already saturated or
+    when the body's declared size does not fit in the memory budget.
 
     A saturated service must not read (up to CLIPLENS_MAX_BODY_BYTES of) a body it will refuse;
-    the exact admission of the request's images happens in the service once its size is known.
+    the exact admission of the request's items happens in the service once its size is known.
     """
     runtime: Runtime = request.app.state.runtime
-    runtime.service.check_capacity()
+    runtime.service.check_capacity(_declared_length(request))
+
+
+def _declared_length(request: Request[Any, Any, Any]) -> int:
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
 
 
 class EmbeddingsController(Controller):
@@ -155,7 +152,10 @@ class EmbeddingsController(Controller):
         before_request=refuse_early,
     )
     async def create(
-        self, data: JSONBody[EmbeddingRequest], runtime: NamedDependency[Runtime]
+        self,
+        data: JSONBody[EmbeddingRequest],
+        runtime: NamedDependency[Runtime],
+        request: Request[Any, Any, Any],
     ) -> Response[EmbeddingResponse]:
         """Each item is an object name, a gs:// URI or a data: URI (or a text, with modality=text)."""
         service = runtime.service
@@ -167,27 +167,33 @@ class EmbeddingsController(Controller):
                 f"{data.model or service.model.id} with {data.dimensions} dimensions", service.model.id
             )
         modality = Modality(data.modality)
+        body_bytes = len(await request.body())  # read already; held in the memory budget until the answer
         if modality is Modality.TEXT:
-            embeddings = await service.embed_texts(items, _current_span())
+            embeddings = await service.embed_texts(items, _current_span(), data.truncate, body_bytes)
         else:
-            embeddings = await service.embed_images(list(items), _current_span())
+            embeddings = await service.embed_images(list(items), _current_span(), body_bytes)
         return _respond(service, embeddings, data.encoding_format, modality, data.timings)
 
-    @post("/upload", status_code=200, summary="Embed uploaded image files", before_request=refuse_early)
+    @post(
+        "/upload",
+        status_code=200,
+        summary="Embed uploaded image files",
+        before_request=refuse_early,
+        operation_class=UploadOperation,
+    )
     async def upload(
-        self,
-        data: MultipartBody[UploadForm],
-        runtime: NamedDependency[Runtime],
+        self, request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]
     ) -> Response[EmbeddingResponse]:
         """multipart/form-data with one or more parts named `files`; each item's `input` is its file name."""
         service = runtime.service
-        _check_count(runtime.settings, len(data.files))
-        _check_model(service, data.model)
-        limit = runtime.settings.max_image_bytes
-        items: list[str | Reference] = []
-        for index, upload in enumerate(data.files):
-            content = await upload.read(limit + 1)
-            await upload.close()
-            items.append(InlineReference(content, upload.filename or f"file-{index}"))
-        embeddings = await service.embed_images(items, _current_span())
-        return _respond(service, embeddings, data.encoding_format, Modality.IMAGE)
+        form = await read_upload(
+            request.stream(),
+            request.content_type,
+            runtime.settings.max_image_bytes,
+            request.app.multipart_form_part_limit,
+        )
+        _check_count(runtime.settings, len(form.files))
+        _check_model(service, form.model)
+        items: list[str | Reference] = list(form.files)
+        embeddings = await service.embed_images(items, _current_span(), body_bytes=form.body_bytes)
+        return _respond(service, embeddings, form.encoding_format, Modality.IMAGE)

@@ -18,7 +18,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from opentelemetry import trace
 
-from cliplens.api.schemas import ErrorBody, ErrorDetail
+from cliplens.api.schemas import ErrorBody, ErrorDetail, echo
 from cliplens.vocabulary import RequestError, RequestErrorCode
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ RESPONSES: dict[RequestErrorCode, ErrorResponse] = {
     ),
     RequestErrorCode.ROUTE_NOT_FOUND: ErrorResponse(404, _INVALID),
     RequestErrorCode.METHOD_NOT_ALLOWED: ErrorResponse(405, _INVALID),
+    RequestErrorCode.REQUEST_TIMEOUT: ErrorResponse(408, _INVALID),
     RequestErrorCode.BODY_TOO_LARGE: ErrorResponse(413, _INVALID),
     RequestErrorCode.TOO_MANY_ITEMS: ErrorResponse(413, _INVALID),
     RequestErrorCode.EMPTY_INPUT: ErrorResponse(422, _INVALID),
@@ -89,7 +90,7 @@ def _validation_message(exc: ValidationException) -> str:
         for item in (exc.extra if isinstance(exc.extra, list) else [])
         if isinstance(item, dict)
     )
-    return f"{exc.detail}: {details}" if details else str(exc.detail)
+    return echo(f"{exc.detail}: {details}" if details else str(exc.detail))
 
 
 def as_request_error(exc: Exception) -> tuple[RequestError, int | None]:

@@ -10,6 +10,18 @@ from typing import Literal
 
 import msgspec
 
+ECHO_CHARS = 256
+"""The most of an item's input an error entry echoes: enough to recognise it, never the megabytes
+a client may have sent (250 names of 1 MB each once made a 256 MB answer)."""
+
+
+def echo(text: str) -> str:
+    """`text` as echoed back to the client: capped at `ECHO_CHARS`, marked when cut."""
+    if len(text) <= ECHO_CHARS:
+        return text
+    return f"{text[:ECHO_CHARS]}…(+{len(text) - ECHO_CHARS} characters)"
+
+
 EncodingFormat = Literal["float", "base64"]
 """How vectors are returned: JSON floats, or base64 of little-endian float32 (OpenAI's choices)."""
 
@@ -25,6 +37,9 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     timings: bool = False
     """Extension: also return each item's per-stage queue and work milliseconds."""
+    truncate: bool = False
+    """Texts longer than the service's cap (CLIPLENS_MAX_TEXT_CHARS) are cut to it instead of
+    failing with `text_too_long`."""
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):

@@ -5,6 +5,10 @@ name in the default image source (the default bucket when one is set, else the l
 Anything else, http(s) URLs included, is refused: the service must never fetch an address a
 client chose. Validation follows the GCS naming rules, so that a crafted bucket or object name
 can never change the URL the storage client builds.
+
+Parsing runs on the event loop, so it costs no more than a glance at the string: a reference too
+long to name any object is refused from its length alone, and a large data: URI is not decoded
+here but handed to the load stage, which decodes it off the loop (`DataUriReference`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,22 @@ _GOOGLE = re.compile(r"g[o0][o0]gle")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DATA_URI = re.compile(r"^data:(image/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*);base64,", re.IGNORECASE)
-_BASE64_CHARS = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+_SPACES = re.compile(r"\s*")
+_DATA_URI_HEADER_CHARS = 256
+"""The most of a data: URI searched for its `data:...;base64,` header, so that a long string
+without one is refused without scanning it."""
+
+MAX_NAME_BYTES = 1024
+"""GCS's limit on an object name, in bytes of UTF-8."""
+MAX_REFERENCE_BYTES = len("gs://") + 222 + len("/") + MAX_NAME_BYTES
+"""The longest reference that can name an object at all (a gs:// URI with the longest bucket and
+object names); anything longer but a data: URI is refused before any other check."""
+
+DECODE_CHUNK_CHARS = 1024 * 1024
+"""Base64 is decoded this many characters at a time (a multiple of 4; about a millisecond each):
+binascii holds the GIL for a whole call, so a large payload decoded in one call would stop every
+other thread, the event loop's included, for its whole length. Payloads up to this size are
+decoded while parsing; larger ones by the load stage, in a worker thread, chunk by chunk."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +77,62 @@ class InlineReference:
         return self.label
 
 
-Reference = GcsReference | LocalReference | InlineReference
+@dataclass(frozen=True, slots=True)
+class DataUriReference:
+    """A data: URI too large to decode on the event loop: the request's own string and where its
+    base64 payload lies in it (kept whole rather than sliced: a slice would copy it)."""
+
+    text: str
+    start: int
+    end: int
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+    def decode(self) -> bytes:
+        """The payload's bytes. Blocking, in time proportional to the payload: call it from a
+        worker thread, where its chunks let the event loop run between them."""
+        return decode_base64(self.text, self.start, self.end)
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedReference:
+    """An item already known to fail before any I/O (an uploaded file over the byte cap): it keeps
+    the error, not the bytes, and the load stage raises it."""
+
+    code: ErrorCode
+    message: str
+    label: str
+
+    def __str__(self) -> str:
+        return self.label
+
+
+Reference = GcsReference | LocalReference | InlineReference | DataUriReference | RefusedReference
+
+
+def decode_base64(text: str, start: int, end: int) -> bytes:
+    """Strict base64 of `text[start:end]`, decoded `DECODE_CHUNK_CHARS` at a time.
+
+    Raises `invalid_reference` for anything but the base64 alphabet, padding anywhere but at the
+    very end, or a length that is not a whole number of quanta.
+    """
+    parts: list[bytes] = []
+    try:
+        for offset in range(start, end, DECODE_CHUNK_CHARS):
+            chunk = text[offset : min(offset + DECODE_CHUNK_CHARS, end)]
+            if offset + DECODE_CHUNK_CHARS < end and chunk.endswith("="):
+                raise ValueError("padding before the end")
+            parts.append(base64.b64decode(chunk, validate=True))
+    except (binascii.Error, ValueError):
+        raise ItemError(ErrorCode.INVALID_REFERENCE, "the data URI payload is not valid base64") from None
+    return b"".join(parts)
+
+
+def _is_longer_than(text: str, limit: int) -> bool:
+    """Whether `text` is more than `limit` bytes of UTF-8, without encoding a long string."""
+    return len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit
 
 
 def validate_bucket(bucket: str) -> None:
@@ -82,8 +156,8 @@ def validate_object_name(name: str) -> None:
     """Raise `invalid_reference` unless `name` is a valid GCS object name (also used for local names)."""
     if not name:
         raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name is empty")
-    if len(name.encode("utf-8", "surrogatepass")) > 1024:
-        raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name is longer than 1024 bytes")
+    if _is_longer_than(name, MAX_NAME_BYTES):
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"the object name is longer than {MAX_NAME_BYTES} bytes")
     if _CONTROL.search(name):
         raise ItemError(ErrorCode.INVALID_REFERENCE, "the object name contains control characters")
     if name in (".", "..") or name.startswith(".well-known/acme-challenge/"):
@@ -107,6 +181,12 @@ class ReferenceParser:
         """Parse one input string; raise ItemError with the code the client should see."""
         if item[:5].lower() == "data:":
             return self._parse_data_uri(item)
+        if _is_longer_than(item, MAX_REFERENCE_BYTES):
+            raise ItemError(
+                ErrorCode.INVALID_REFERENCE,
+                f"the reference is longer than any storage name can be ({MAX_REFERENCE_BYTES} bytes; "
+                f"an object name is at most {MAX_NAME_BYTES} bytes)",
+            )
         if item[:5].lower() == "gs://":
             return self._parse_gs_uri(item)
         if _SCHEME.match(item):
@@ -135,22 +215,22 @@ class ReferenceParser:
             raise ItemError(ErrorCode.FORBIDDEN, f"bucket {bucket!r} is not in the allowed buckets")
         return GcsReference(bucket, name)
 
-    def _parse_data_uri(self, item: str) -> InlineReference:
-        match = _DATA_URI.match(item)
+    def _parse_data_uri(self, item: str) -> InlineReference | DataUriReference:
+        match = _DATA_URI.match(item[:_DATA_URI_HEADER_CHARS])
         if match is None:
             raise ItemError(
                 ErrorCode.INVALID_REFERENCE, "a data URI must look like data:image/<type>;base64,<data>"
             )
-        payload = item[match.end() :].strip()
-        if len(payload) * 3 // 4 > self.max_image_bytes:
+        end = len(item.rstrip())  # no copy unless there is trailing space: the payload is never sliced
+        spaces = _SPACES.match(item, match.end(), end)
+        start = spaces.end() if spaces else end
+        if (end - start) * 3 // 4 > self.max_image_bytes:
             raise ItemError(
                 ErrorCode.TOO_LARGE, f"the inline image is larger than {self.max_image_bytes} bytes"
             )
-        if not _BASE64_CHARS.fullmatch(payload):
-            raise ItemError(ErrorCode.INVALID_REFERENCE, "the data URI payload is not valid base64")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ItemError(ErrorCode.INVALID_REFERENCE, "the data URI payload is not valid base64") from None
-        label = f"data:{match.group(1) or ''};base64,...({len(data)} bytes)"
-        return InlineReference(data, label)
+        media_type = match.group(1) or ""
+        if end - start > DECODE_CHUNK_CHARS:
+            size = (end - start) * 3 // 4 - item.count("=", end - 2, end)
+            return DataUriReference(item, start, end, f"data:{media_type};base64,...({size} bytes)")
+        data = decode_base64(item, start, end)
+        return InlineReference(data, f"data:{media_type};base64,...({len(data)} bytes)")

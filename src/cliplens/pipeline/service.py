@@ -7,22 +7,24 @@ downloads by a semaphore (`max_downloads`), decode and preprocess by one thread 
 wait is measured apart from the work (see telemetry/stages.py). A failed item becomes an error
 entry with its code; it never fails the others.
 
-Admission control keeps memory bounded: a request whose images would take the service past
-`max_images_in_flight` is refused at once (`Overloaded`, 429 at the HTTP edge) instead of queueing.
-Each request has a deadline: items not done by then get `timeout`, and the rest is returned.
+Admission control bounds the work: a request whose items (images or texts) would take the service
+past `max_images_in_flight` is refused at once (`Overloaded`, 429 at the HTTP edge) instead of
+queueing, and a request larger than that bound alone is refused with 413. Memory is bounded in
+bytes by the memory budget (pipeline/budget.py): an image waits before its download while the
+budget is full and before its decode until its predicted pixels fit. Texts are capped in length,
+tokenised on their own one-thread lane, and bound by the same admission and deadline.
+Each request has a deadline: items not done by then get `timeout`, and the rest is returned; a
+drain (SIGTERM) brings every deadline forward to just inside the grace period.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import aiohttp
@@ -30,8 +32,10 @@ import numpy as np
 import torch
 from opentelemetry.trace import SpanContext, Tracer
 
+from cliplens.machine import usable_cpus
 from cliplens.pipeline.batcher import Batcher
-from cliplens.pipeline.decode import DecodedImage, decode_image, decode_on_device
+from cliplens.pipeline.budget import MemoryBudget, return_free_memory
+from cliplens.pipeline.decode import DecodedImage, decode_cost, decode_image, decode_on_device
 from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.pipeline.references import Reference, ReferenceParser
@@ -39,10 +43,21 @@ from cliplens.pipeline.sources import GcsSource, ImageSources, LocalDirectorySou
 from cliplens.settings import Settings
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline, ServerTiming, StageTiming, exemplar_for
-from cliplens.vocabulary import ErrorCode, ItemError, Modality, Overloaded, RequestErrorCode, Stage
+from cliplens.vocabulary import (
+    ErrorCode,
+    ItemError,
+    Modality,
+    Overloaded,
+    RequestError,
+    RequestErrorCode,
+    Stage,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+DRAIN_MARGIN_S = 1.0
+"""On SIGTERM, in-flight work is cut this long before the grace period ends, so that every request
+still gets its answer (unfinished items: `timeout`) before the server stops waiting for it."""
 
 Item = str | Reference
 
@@ -68,27 +83,6 @@ class Embeddings:
     """{index: {stage: (queue_ms, work_ms)}}: the same stamps as the spans and histograms."""
 
 
-def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
-    """Whole cores of a cgroup v2 CPU quota (a container's CPU limit), or None when unlimited."""
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, math.ceil(int(quota) / int(period)))
-
-
-def usable_cpus() -> int:
-    """The cores this process may use: its affinity mask, capped by a container's CPU limit."""
-    try:
-        cores = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        cores = max(1, os.cpu_count() or 1)
-    limit = cgroup_cpu_limit()
-    return min(cores, limit) if limit else cores
-
-
 class EmbeddingService:
     """Owns the model worker, the CPU executor, the download slots and the storage session."""
 
@@ -106,6 +100,17 @@ class EmbeddingService:
         self.metrics = metrics
         self.cpu_workers = settings.cpu_workers or usable_cpus()
         self.executor = ThreadPoolExecutor(max_workers=self.cpu_workers, thread_name_prefix="cliplens-cpu")
+        self.text_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cliplens-text")
+        """Texts are tokenised on their own lane, so they can never occupy every decode worker."""
+        self.budget = MemoryBudget(settings.memory_budget_bytes, metrics.memory_reserved_bytes.set)
+        metrics.memory_budget_bytes.set(settings.memory_budget_bytes)
+        self._work: set[asyncio.Future[object]] = set()
+        """Item tasks in flight (texts: one per request), which a drain cuts before its grace ends."""
+        self._cut = False
+        self._loop = asyncio.get_running_loop()
+        self._body_bytes = 0
+        self._trimmed_at = 0.0
+        """Bytes of the request bodies being served, part of `budget.used`."""
         self.download_slots = asyncio.Semaphore(settings.max_downloads)
         self.preprocessor = Preprocessor(model.preprocess, model.device)
         self.parser = ReferenceParser(
@@ -152,46 +157,101 @@ class EmbeddingService:
     async def close(self) -> None:
         await self.batcher.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.text_executor.shutdown(wait=True, cancel_futures=True)
         if self._http_session is not None:
             await self._http_session.close()
 
-    def check_capacity(self) -> None:
-        """Raise Overloaded when no image at all can be admitted now (checked before a body is read)."""
-        limit = self.settings.max_images_in_flight
-        if self.images_in_flight >= limit:
-            raise self._overloaded(1)
+    def check_capacity(self, body_bytes: int = 0) -> None:
+        """Before a body is read: raise Overloaded when no item at all can be admitted now, or when
+        the body (its Content-Length) would take request bodies past half the memory budget (the
+        other half is kept for the images' own work, which waits for it instead of failing)."""
+        if self.images_in_flight >= self.settings.max_images_in_flight:
+            raise self._overloaded(
+                f"{self.images_in_flight} items in flight, the limit (CLIPLENS_MAX_IMAGES_IN_FLIGHT)"
+            )
+        if self._body_bytes + body_bytes > self.budget.limit // 2:
+            raise self._overloaded(
+                f"request bodies in flight hold {self._body_bytes / 2**20:.0f} MiB; this one's "
+                f"{body_bytes / 2**20:.0f} MiB would pass half the memory budget "
+                f"({self.budget.limit / 2**20:.0f} MiB, CLIPLENS_MEMORY_BUDGET_BYTES)"
+            )
 
-    def _admit(self, count: int) -> None:
+    def _admit(self, count: int, body_bytes: int) -> None:
+        """Count a request's items and body in, or refuse it: no request may pass the bound, alone
+        (413: it could never be served) or together with the others (429: retry later)."""
         limit = self.settings.max_images_in_flight
-        if self.images_in_flight and self.images_in_flight + count > limit:
-            raise self._overloaded(count)
+        if count > limit:
+            raise RequestError(
+                RequestErrorCode.TOO_MANY_ITEMS,
+                f"{count} items is more than the {limit} this service holds in flight at once "
+                "(CLIPLENS_MAX_IMAGES_IN_FLIGHT); split the request",
+            )
+        if self.images_in_flight + count > limit:
+            raise self._overloaded(
+                f"{self.images_in_flight} items in flight; {count} more would pass {limit}"
+            )
+        self.check_capacity(body_bytes)
         self.images_in_flight += count
+        self._body_bytes += body_bytes
+        self.budget.take(body_bytes)
         self.metrics.track_in_flight(1, count)
 
-    def _overloaded(self, requested: int) -> Overloaded:
+    def _overloaded(self, reason: str) -> Overloaded:
         self.metrics.rejected_requests_total.labels(RequestErrorCode.OVERLOADED).inc()
-        return Overloaded(
-            f"{self.images_in_flight} images in flight; {requested} more would pass the limit of "
-            f"{self.settings.max_images_in_flight}"
-        )
+        return Overloaded(reason)
 
-    def _release(self, count: int) -> None:
+    def _release(self, count: int, body_bytes: int) -> None:
         self.images_in_flight -= count
+        self._body_bytes -= body_bytes
+        self.budget.give(body_bytes)
+        if self.images_in_flight == 0 and time.monotonic() - self._trimmed_at > 1.0:
+            self._trimmed_at = time.monotonic()  # idle again: at most once a second
+            self._loop.run_in_executor(None, return_free_memory)
         self.metrics.track_in_flight(-1, -count)
 
-    async def embed_images(self, items: Sequence[Item], request: SpanContext) -> Embeddings:
+    def drain(self, grace_s: float) -> None:
+        """SIGTERM: cut the work in flight `DRAIN_MARGIN_S` before the grace period ends, so each
+        request is answered (its unfinished items `timeout`) while the server still waits for it.
+        Safe to call from a signal handler."""
+        delay = max(0.0, grace_s - DRAIN_MARGIN_S)
+        self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._cut_work)
+
+    def _cut_work(self) -> None:
+        self._cut = True
+        for task in list(self._work):
+            task.cancel()
+
+    def _track(self, task: asyncio.Future[_T]) -> asyncio.Future[_T]:
+        if self._cut:
+            task.cancel()
+        self._work.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._work.discard)
+        return task
+
+    def _timeout(self) -> ItemError:
+        if self._cut:
+            return ItemError(ErrorCode.TIMEOUT, "not done when the service shut down (SIGTERM)")
+        return ItemError(
+            ErrorCode.TIMEOUT,
+            f"not done within the request deadline of {self.settings.request_timeout_s:g} s",
+        )
+
+    async def embed_images(
+        self, items: Sequence[Item], request: SpanContext, body_bytes: int = 0
+    ) -> Embeddings:
         """Embed every item concurrently, within the deadline; the results keep the input order.
 
-        Raises Overloaded when the admission bound would be passed.
+        Raises Overloaded when the admission bound would be passed (RequestError when the request
+        alone is larger than the bound); `body_bytes` is held in the memory budget until the end.
         """
-        self._admit(len(items))
+        self._admit(len(items), body_bytes)
         timeline = RequestTimeline(self.metrics, Modality.IMAGE, request)
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
             self.batcher.expect(len(items))
             tasks = [
-                asyncio.ensure_future(self._embed_one(index, item, timeline, request, deadline))
+                self._track(asyncio.ensure_future(self._embed_one(index, item, timeline, request, deadline)))
                 for index, item in enumerate(items)
             ]
             try:
@@ -206,7 +266,7 @@ class EmbeddingService:
             ]
             timing = timeline.finish(self.tracer)
         finally:
-            self._release(len(items))
+            self._release(len(items), body_bytes)
         exemplar = exemplar_for(request)
         for result in results:
             outcome = result.error.code.value if result.error else "ok"
@@ -218,35 +278,79 @@ class EmbeddingService:
             return task.result()
         label = item if isinstance(item, str) else str(item)
         if task.cancelled():
-            message = f"not done within the request deadline of {self.settings.request_timeout_s:g} s"
-            return ItemResult(index, label, error=ItemError(ErrorCode.TIMEOUT, message))
+            return ItemResult(index, label, error=self._timeout())
         raise task.exception()  # type: ignore[misc]
 
-    async def embed_texts(self, texts: Sequence[str], request: SpanContext) -> Embeddings:
-        """Embed texts with the CLIP text tower: tokenise on the CPU pool, then the model thread."""
+    async def embed_texts(
+        self, texts: Sequence[str], request: SpanContext, truncate: bool = False, body_bytes: int = 0
+    ) -> Embeddings:
+        """Embed texts with the CLIP text tower: tokenise on the text lane, then the model thread.
+
+        Texts follow the images' rules: admitted against the same bound, cut at the same deadline,
+        and capped in length before the (quadratic) tokenizer sees them: a longer text is the item
+        error `text_too_long`, or is cut to the cap when `truncate` is set.
+        """
+        self._admit(len(texts), body_bytes)
         timeline = RequestTimeline(self.metrics, Modality.TEXT, request)
-        self.metrics.track_in_flight(1, 0)
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        limit = self.settings.max_text_chars
+        results: dict[int, ItemResult] = {}
+        accepted: list[tuple[int, str]] = []
+        for index, text in enumerate(texts):
+            if len(text) <= limit or truncate:
+                accepted.append((index, text[:limit]))
+                continue
+            message = (
+                f"{len(text)} characters is more than the {limit} accepted (CLIPLENS_MAX_TEXT_CHARS); "
+                "send `truncate: true` to embed its beginning"
+            )
+            results[index] = ItemResult(index, text, error=ItemError(ErrorCode.TEXT_TOO_LONG, message))
         try:
-            tokenize = timeline.enter(0, Stage.PREPROCESS, f"{len(texts)} texts")
-            tokens = await self._on_cpu(tokenize, self.model.tokenize, texts)
-            timings = [timeline.enter(i, Stage.EMBED, text) for i, text in enumerate(texts)]
-            vectors = await self.batcher.embed_texts(tokens, timings, request)
+            if accepted:
+                work = self._track(asyncio.ensure_future(self._embed_accepted(accepted, timeline, request)))
+                await asyncio.wait([work], timeout=max(0.0, deadline - time.monotonic()))
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                if work.cancelled():
+                    results.update((i, ItemResult(i, texts[i], error=self._timeout())) for i, _ in accepted)
+                else:
+                    results.update((r.index, r) for r in work.result())
             timing = timeline.finish(self.tracer)
         finally:
-            self.metrics.track_in_flight(-1, 0)
-        self.metrics.texts_total.inc(len(texts))
-        counts = (tokens != 0).sum(dim=1).tolist()
-        results = [ItemResult(i, text, vectors[i], tokens=int(counts[i])) for i, text in enumerate(texts)]
-        return Embeddings(results, timing, timeline.per_image())
+            self._release(len(texts), body_bytes)
+        self.metrics.texts_total.inc(sum(1 for r in results.values() if r.vector is not None))
+        return Embeddings([results[i] for i in range(len(texts))], timing, timeline.per_image())
 
-    async def _on_cpu(self, timing: StageTiming, function: Callable[..., _T], *args: object) -> _T:
-        """Run `function` on the bounded executor; the wait for a thread is the stage's queue time."""
+    async def _embed_accepted(
+        self, texts: Sequence[tuple[int, str]], timeline: RequestTimeline, request: SpanContext
+    ) -> list[ItemResult]:
+        tokenize = timeline.enter(0, Stage.PREPROCESS, f"{len(texts)} texts")
+        tokens = await self._on_cpu(
+            tokenize, self.model.tokenize, [text for _, text in texts], executor=self.text_executor
+        )
+        timings = [timeline.enter(index, Stage.EMBED, text) for index, text in texts]
+        vectors = await self.batcher.embed_texts(tokens, timings, request)
+        counts = (tokens != 0).sum(dim=1).tolist()
+        return [
+            ItemResult(index, text, vectors[row], tokens=int(counts[row]))
+            for row, (index, text) in enumerate(texts)
+        ]
+
+    async def _on_cpu(
+        self,
+        timing: StageTiming,
+        function: Callable[..., _T],
+        *args: object,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> _T:
+        """Run `function` on a bounded executor (by default the decode/preprocess pool); the wait
+        for a thread is the stage's queue time."""
 
         def work() -> _T:
             with timing.working():
                 return function(*args)
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        return await asyncio.get_running_loop().run_in_executor(executor or self.executor, work)
 
     def _decode(self, data: bytes) -> DecodedImage:
         min_side, max_pixels = self.model.preprocess.min_side, self.settings.max_image_pixels
@@ -261,6 +365,9 @@ class EmbeddingService:
                 data = await self.sources.read(reference)
         else:
             async with self.download_slots:
+                # no new bytes come in while the budget is full; as this waits holding its slot,
+                # at most `max_downloads` reads are ever under way past a full budget
+                await self.budget.room()
                 with timing.working():
                     data = await self.sources.read(reference, deadline)
         timing.attributes["bytes"] = len(data)
@@ -274,14 +381,26 @@ class EmbeddingService:
         label = item if isinstance(item, str) else str(item)
         timing = timeline.enter(index, Stage.LOAD, label)
         queued_for_model = False
+        held = pixels_held = 0  # this item's bytes in the memory budget
         try:
             data = await self._load(timing, item, deadline)
+            self.budget.take(held := len(data))
             timing = timeline.enter(index, Stage.DECODE, label)
+            cost = decode_cost(data, self.model.preprocess.min_side, self.settings.max_image_pixels)
+            await self.budget.reserve_decode(cost)  # waiting here is decode queue time
+            pixels_held = cost
             decoded = await self._on_cpu(timing, self._decode, data)
+            del data
+            self.budget.give(held)
+            held = 0
             timing.attributes["width"], timing.attributes["height"] = decoded.original_size
             timing.attributes["format"] = decoded.format
             timing = timeline.enter(index, Stage.PREPROCESS, label)
             image = await self._on_cpu(timing, self.preprocessor, decoded.pixels)
+            del decoded
+            self.budget.end_decode(pixels_held)
+            pixels_held = 0
+            self.budget.take(held := image.numel() * image.element_size())
             timing = timeline.enter(index, Stage.EMBED, label)
             queued_for_model = True
             vector = await self.batcher.embed(image, timing, request)
@@ -299,6 +418,10 @@ class EmbeddingService:
             error = ItemError(ErrorCode.DECODE_FAILED, f"{timing.stage} failed: {exc}")
             self._abandon(timing, error, queued_for_model)
             return ItemResult(index, label, error=error)
+        finally:
+            self.budget.give(held)
+            if pixels_held:
+                self.budget.end_decode(pixels_held)
 
     def _abandon(self, timing: StageTiming, error: ItemError, queued_for_model: bool) -> None:
         """The item leaves the pipeline early: close its open stage and release its model slot.

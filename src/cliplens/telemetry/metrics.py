@@ -142,6 +142,16 @@ class Metrics:
             "The admission bound on images in flight (CLIPLENS_MAX_IMAGES_IN_FLIGHT).",
             registry=reg,
         )
+        self.memory_reserved_bytes = Gauge(
+            "cliplens_memory_reserved_bytes",
+            "Bytes held in the memory budget: bodies, encoded images, predicted decoded pixels, tensors.",
+            registry=reg,
+        )
+        self.memory_budget_bytes = Gauge(
+            "cliplens_memory_budget_bytes",
+            "The memory budget (CLIPLENS_MEMORY_BUDGET_BYTES); work beyond it waits.",
+            registry=reg,
+        )
         self.rejected_requests_total = Counter(
             "cliplens_rejected_requests_total",
             "Requests refused before any work, by reason: overloaded (429), shutting_down (503).",
