@@ -287,3 +287,20 @@ class FaultyGcs:
         await self._head(writer, status, headers)
         writer.write(body)
         await writer.drain()
+
+
+def trickled(data: bytes, seconds: float) -> Trickle:
+    """`data` delivered in 20 pieces over about `seconds`: a download slower than any grace period."""
+    pieces = 20
+    return Trickle(data, chunk=len(data) // pieces + 1, interval_s=seconds / pieces)
+
+
+def service_env(gcs: FaultyGcs, bucket: str, **extra: str) -> dict[str, str]:
+    """The environment of a `cliplens serve` that reads `bucket` from this stand-in."""
+    return {
+        "CLIPLENS_DEFAULT_BUCKET": bucket,
+        "CLIPLENS_ALLOWED_BUCKETS": bucket,
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "CLIPLENS_ALLOW_EMULATOR": "1",
+        **extra,
+    }

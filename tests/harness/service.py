@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,3 +87,11 @@ def log_problems(service: Service) -> list[str]:
     markers: tuple[str, ...] = ("Traceback", "Unclosed", "Task was destroyed", "never awaited")
     markers += ('"level": "error"', '"level": "critical"')
     return [line for line in service.log.read_text().splitlines() if any(m in line for m in markers)]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 20) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

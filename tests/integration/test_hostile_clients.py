@@ -15,7 +15,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
-from tests.harness.faulty_gcs import FaultyGcs, Trickle
-from tests.harness.service import Service, log_problems, serving
+from tests.harness.faulty_gcs import FaultyGcs, service_env, trickled
+from tests.harness.service import Service, log_problems, serving, wait_for
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.0
@@ -70,23 +70,6 @@ def error_code(raw: bytes, status: int) -> str:
     error = json.loads(body)["error"]
     assert error["message"] and error["type"]
     return str(error["code"])
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
-def gcs_env(gcs: FaultyGcs, **extra: str) -> dict[str, str]:
-    return {
-        "CLIPLENS_DEFAULT_BUCKET": BUCKET,
-        "CLIPLENS_ALLOWED_BUCKETS": BUCKET,
-        "STORAGE_EMULATOR_HOST": gcs.url,
-        "CLIPLENS_ALLOW_EMULATOR": "1",
-        **extra,
-    }
 
 
 # slow clients
@@ -172,12 +155,6 @@ def test_connections_past_the_bound_are_answered_429_at_once(tiny_model: str, tm
 # shutdown
 
 
-def slow(seconds: float) -> Trickle:
-    """The photo, delivered over about `seconds`."""
-    pieces = 20
-    return Trickle(PHOTO, chunk=len(PHOTO) // pieces + 1, interval_s=seconds / pieces)
-
-
 def assert_new_clients_get_503_shutting_down(service: Service) -> None:
     """On new connections, after the signal: JSON 503s, never "connection refused"."""
     time.sleep(0.3)  # past uvicorn's 0.1 s tick, after which it would have closed its listener
@@ -194,8 +171,10 @@ def test_after_sigterm_new_clients_get_503_until_the_request_in_flight_is_answer
 ) -> None:
     grace, deadline = 10.0, 3.0
     with FaultyGcs() as gcs:
-        gcs.put(BUCKET, "slow.jpg", slow(30.0))
-        env = gcs_env(gcs, CLIPLENS_SHUTDOWN_GRACE_S=str(grace), CLIPLENS_REQUEST_TIMEOUT_S=str(deadline))
+        gcs.put(BUCKET, "slow.jpg", trickled(PHOTO, 30.0))
+        env = service_env(
+            gcs, BUCKET, CLIPLENS_SHUTDOWN_GRACE_S=str(grace), CLIPLENS_REQUEST_TIMEOUT_S=str(deadline)
+        )
         with serving(tiny_model, tmp_path, **env) as service, ThreadPoolExecutor(1) as pool:
             started = time.monotonic()
             in_flight = pool.submit(
@@ -219,8 +198,8 @@ def test_a_request_longer_than_the_grace_period_is_answered_200_with_timeout_ite
 ) -> None:
     grace = 3.0  # the request deadline stays at its default, 120 s
     with FaultyGcs() as gcs:
-        gcs.put(BUCKET, "slow.jpg", slow(60.0))
-        env = gcs_env(gcs, CLIPLENS_SHUTDOWN_GRACE_S=str(grace))
+        gcs.put(BUCKET, "slow.jpg", trickled(PHOTO, 60.0))
+        env = service_env(gcs, BUCKET, CLIPLENS_SHUTDOWN_GRACE_S=str(grace))
         with serving(tiny_model, tmp_path, **env) as service, ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(
                 httpx.post, f"{service.url}/v1/embeddings", json={"input": ["slow.jpg"]}, timeout=60
@@ -236,8 +215,11 @@ def test_a_request_longer_than_the_grace_period_is_answered_200_with_timeout_ite
         assert response.headers["content-type"].startswith("application/json"), response.text
         assert response.status_code == 200, response.text
         assert [e["code"] for e in response.json()["errors"]] == ["timeout"]
+        assert "shut down" in response.json()["errors"][0]["message"]
         assert answered <= grace + 0.5, answered
         assert took < grace + SLACK_S + 1, took
+        assert "timeout graceful shutdown exceeded" not in service.log.read_text()
+        assert not log_problems(service), log_problems(service)
 
 
 def test_an_upload_still_arriving_when_the_grace_period_ends_is_answered_503_in_json(

@@ -293,6 +293,15 @@ def _ran_out_early(data: bytes) -> bool:
     return False
 
 
+def _reduce(image: Image.Image, image_format: str, min_side: int) -> None:
+    """Before any pixel is decoded: have a JPEG decoded in the DCT domain at the smallest scale
+    whose shorter side still covers `min_side` (its `size` becomes that scale's)."""
+    width, height = image.size
+    if image_format == "JPEG" and min(width, height) > min_side:
+        scale = min_side / min(width, height)
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
     """Decode `data` to RGB pixels whose shorter side is at least `min_side` when the source allows.
 
@@ -301,9 +310,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
     image, image_format = _open_checked(data, max_pixels)
     with image:
         width, height = image.size
-        if image_format == "JPEG" and min(width, height) > min_side:
-            scale = min_side / min(width, height)
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        _reduce(image, image_format, min_side)
         try:
             sequential = image_format == "JPEG" and _check_scans(data, image)
             image.load()
@@ -362,9 +369,6 @@ def decode_cost(data: bytes, min_side: int, max_pixels: int) -> int:
     can be reserved before any pixel buffer exists. A bad header raises the decode's own ItemError."""
     image, image_format = _open_checked(data, max_pixels)
     with image:
+        _reduce(image, image_format, min_side)
         width, height = image.size
-        if image_format == "JPEG" and min(width, height) > min_side:
-            scale = min_side / min(width, height)
-            image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            width, height = image.size
         return width * height * _peak_bytes_per_pixel(image.mode)
