@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from tests.conftest import photo_bytes
+from cliplens.settings import Settings
+from tests.conftest import photo_bytes, running
 
 Client = TestClient[Litestar]
 
@@ -43,3 +46,13 @@ def test_a_closed_model_worker_answers_503_shutting_down(client: Client) -> None
     error = response.json()["error"]
     assert (error["code"], error["type"]) == ("shutting_down", "service_unavailable")
     assert response.headers["retry-after"] == "1"
+
+
+def test_a_body_that_can_never_fit_in_half_the_memory_budget_is_413(settings: Settings) -> None:
+    """A body larger than half the budget would be refused with 429 forever; it gets 413 at once."""
+    with running(dataclasses.replace(settings, memory_budget_bytes=16 * 2**20)) as client:
+        response = client.post("/v1/embeddings", json={"input": ["x" * (9 * 2**20)]})
+        assert response.status_code == 413
+        error = response.json()["error"]
+        assert error["code"] == "body_too_large" and "CLIPLENS_MEMORY_BUDGET_BYTES" in error["message"]
+        assert client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]}).status_code == 200

@@ -109,8 +109,8 @@ class EmbeddingService:
         self._cut = False
         self._loop = asyncio.get_running_loop()
         self._body_bytes = 0
-        self._trimmed_at = 0.0
         """Bytes of the request bodies being served, part of `budget.used`."""
+        self._trimmed_at = 0.0
         self.download_slots = asyncio.Semaphore(settings.max_downloads)
         self.preprocessor = Preprocessor(model.preprocess, model.device)
         self.parser = ReferenceParser(
@@ -164,10 +164,17 @@ class EmbeddingService:
     def check_capacity(self, body_bytes: int = 0) -> None:
         """Before a body is read: raise Overloaded when no item at all can be admitted now, or when
         the body (its Content-Length) would take request bodies past half the memory budget (the
-        other half is kept for the images' own work, which waits for it instead of failing)."""
+        other half is kept for the images' own work, which waits for it instead of failing); a
+        body larger than that half alone can never be served: 413."""
         if self.images_in_flight >= self.settings.max_images_in_flight:
             raise self._overloaded(
                 f"{self.images_in_flight} items in flight, the limit (CLIPLENS_MAX_IMAGES_IN_FLIGHT)"
+            )
+        if body_bytes > self.budget.limit // 2:
+            raise RequestError(
+                RequestErrorCode.BODY_TOO_LARGE,
+                f"a body of {body_bytes / 2**20:.0f} MiB can never fit in half the memory budget "
+                f"({self.budget.limit / 2**20:.0f} MiB, CLIPLENS_MEMORY_BUDGET_BYTES)",
             )
         if self._body_bytes + body_bytes > self.budget.limit // 2:
             raise self._overloaded(
