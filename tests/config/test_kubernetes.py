@@ -43,6 +43,7 @@ from tests.harness.manifests import (
     render,
     settings,
 )
+from tests.harness.tools import debian, required
 
 KUBERNETES_VERSION = "1.30.0"
 """The Kubernetes release whose schemas the manifests must satisfy (strict)."""
@@ -497,10 +498,9 @@ def test_the_plain_prometheus_config_reads_the_pod_annotations_and_passes_promto
     job["static_configs"] = [{"targets": ["10.0.0.1:8000"]}]
     shutil.copytree(ROOT / "observability" / "rules", tmp_path / "rules")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("`promtool` is not on PATH: install Debian's `prometheus` package (scripts/test does it)")
     result = subprocess.run(
-        [binary, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True
+        [required("promtool", debian("prometheus")), "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr

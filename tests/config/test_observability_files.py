@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import exemplar_for
 from cliplens.vocabulary import Stage
+from tests.harness.tools import debian, required
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -188,10 +189,9 @@ def test_dockerfile_is_pinned_cpu_by_default_non_root_and_health_checked() -> No
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("`promtool` is not on PATH: install Debian's `prometheus` package (scripts/test does it)")
-    return subprocess.run([binary, *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(
+        [required("promtool", debian("prometheus")), *args], cwd=ROOT, capture_output=True, text=True
+    )
 
 
 def test_promtool_accepts_the_config_and_the_rules() -> None:

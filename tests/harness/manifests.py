@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.harness.tools import required
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -26,12 +27,11 @@ Manifest = dict[str, Any]
 
 
 def kubectl() -> str:
-    binary = shutil.which("kubectl")
-    if binary is None:
-        raise AssertionError(
-            "`kubectl` is not on PATH: the manifests are rendered with `kubectl kustomize` "
-            "(kustomize v5+). Install kubectl from the Kubernetes or Google Cloud apt repository."
-        )
+    binary = required(
+        "kubectl",
+        "the manifests are rendered with `kubectl kustomize` (kustomize v5+). "
+        "Install kubectl from the Kubernetes or Google Cloud apt repository.",
+    )
     version = json.loads(
         subprocess.run([binary, "version", "--client", "-o", "json"], capture_output=True, text=True).stdout
     ).get("kustomizeVersion", "v0.0")

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
-import pytest
 import yaml
 
 from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.processes import stop_process, wait_until_answering
+from tests.harness.tools import debian, required
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "observability"
@@ -54,12 +54,7 @@ class PrometheusServer:
         self.started_at = 0.0
 
     def start(self) -> Self:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            pytest.fail(
-                "the `prometheus` binary is not on PATH: install Debian's `prometheus` package "
-                "(scripts/test does it when run as root)"
-            )
+        binary = required("prometheus", debian("prometheus"))
         self.started_at = time.time()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(

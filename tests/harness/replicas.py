@@ -15,7 +15,6 @@ A missing `haproxy` binary fails (scripts/test installs Debian's package): nothi
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.processes import stop_process, wait_until_answering
 from tests.harness.servers import child_environment
+from tests.harness.tools import debian, required
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_HAPROXY = ROOT / "deploy" / "compose" / "haproxy.cfg"
@@ -122,13 +122,7 @@ class Haproxy:
 
     @staticmethod
     def binary() -> str:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            raise AssertionError(
-                "the `haproxy` binary is not on PATH: install Debian's `haproxy` package "
-                "(scripts/test does it when run as root)"
-            )
-        return binary
+        return required("haproxy", debian("haproxy"))
 
     def start(self, timeout_s: float = 20) -> Haproxy:
         with self.log_path.open("ab") as log:
