@@ -7,7 +7,12 @@ Variants, each a real HTTP server in its own process, loaded by this process ove
 - `cliplens-default`: `cliplens serve` with default settings (dtype auto);
 - `cliplens-float32`: the same, forced to float32;
 - `cliplens-gpu-decode` (ask for it with --variants, on CUDA): default settings plus
-  CLIPLENS_GPU_DECODE=1 (JPEGs decoded by nvJPEG).
+  CLIPLENS_GPU_DECODE=1 (JPEGs decoded by nvJPEG);
+- `cliplens-free`: default settings with a model that costs almost nothing (a one-layer open_clip
+  ViT written to a `local-dir:` folder), at 50 x 30 with 12 MP photos only and 2 MP photos only.
+  It measures the host side alone: its images/s against the host limit (usable cores / the mean
+  single-core seconds per image of the fastest decode path measured here on the same photos, at
+  the fidelity cliplens keeps) is the **host efficiency**.
 Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O.
 
 Scenarios: 1 image, 50 images, 50 images x 30 concurrent (12 MP and 2 MP photos, half each), and
@@ -29,13 +34,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import io
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +50,7 @@ import httpx
 import numpy as np
 import open_clip
 import torch
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplens.experiment.corpus import generate
@@ -51,7 +59,9 @@ from cliplens.experiment.load import RequestRecord, Scenario, run_scenario
 from cliplens.experiment.machine import describe
 from cliplens.experiment.processes import stop_process, wait_until_answering
 from cliplens.machine import usable_cpus
+from cliplens.pipeline.decode import decode_image
 from cliplens.pipeline.model import resolve_dtype
+from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
 from cliplens.vocabulary import Stage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +73,14 @@ TINY_CONFIG = {
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
 }
+FREE_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 1, "width": 64, "patch_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    }
+}
+"""The `cliplens-free` variant's model: one layer, ViT-B-32's input and output sizes, ~0.1 ms an image."""
 
 
 @dataclasses.dataclass
@@ -77,6 +95,9 @@ class ScenarioResult:
     wait_ms: dict[str, float]
     errors: int
     crashed: str | None = None
+    cpu_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    """CPU milliseconds per image served, by thread group (see `THREAD_GROUPS`)."""
+    cores_busy: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -120,6 +141,102 @@ def model_ceiling(
             rate = done / (time.perf_counter() - started)
             best = max(best, (rate, batch))
     return best
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePath:
+    """One way to turn a JPEG into the model's input pixels, timed on one core."""
+
+    name: str
+    run: Callable[[bytes], object]
+    admissible: bool
+    """Whether it keeps the fidelity cliplens promises (DCT scaling to at least 2x the input)."""
+
+
+def _pillow_draft(data: bytes, side: int, size: int) -> np.ndarray:
+    """Pillow alone: a DCT-domain draft whose shorter side covers `side`, a bicubic resize of the
+    shorter side to `size`, a centre crop."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        scale = side / min(width, height)
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        rgb = image.convert("RGB")
+    scale = size / min(rgb.size)
+    resized = rgb.resize(
+        (max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))),
+        Image.Resampling.BICUBIC,
+    )
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+def decode_paths(size: int = 224) -> list[DecodePath]:
+    """The decode paths the host limit is taken from: cliplens's own, Pillow's at the same DCT
+    scale, and Pillow's at the input size (faster, but below the fidelity bound: shown, not used)."""
+    preprocessor = Preprocessor(PreprocessConfig(size=(size, size)), torch.device("cpu"))
+    side = preprocessor.config.min_side
+    return [
+        DecodePath(
+            "cliplens decode + preprocess",
+            lambda data: preprocessor(decode_image(data, side, 2**40).pixels),
+            True,
+        ),
+        DecodePath(f"Pillow draft to {side} + bicubic", lambda data: _pillow_draft(data, side, size), True),
+        DecodePath(f"Pillow draft to {size} + bicubic", lambda data: _pillow_draft(data, size, size), False),
+    ]
+
+
+def decode_costs(files: Sequence[Path], rounds: int = 3) -> dict[str, tuple[float, bool]]:
+    """{path: (mean single-thread seconds per image over `files`, best of `rounds`; admissible)}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    encoded = [path.read_bytes() for path in files]
+    costs = {}
+    try:
+        for path in decode_paths():
+            best = math.inf
+            for _ in range(rounds):
+                started = time.perf_counter()
+                for data in encoded:
+                    path.run(data)
+                best = min(best, (time.perf_counter() - started) / len(encoded))
+            costs[path.name] = (best, path.admissible)
+    finally:
+        torch.set_num_threads(threads)
+    return costs
+
+
+def host_limit(costs: dict[str, tuple[float, bool]], cores: int) -> tuple[float, str]:
+    """Images/s the host could decode with every usable core on the fastest admissible path."""
+    name = min((n for n, (_, admissible) in costs.items() if admissible), key=lambda n: costs[n][0])
+    return cores / costs[name][0], name
+
+
+THREAD_GROUPS = {
+    "cliplens-cpu": "decode + preprocess",
+    "cliplens-model": "model",
+    "cliplens-io": "file reads",
+    "cliplens-text": "texts",
+}
+"""cliplens names its pools' threads in the kernel (cliplens.machine.named_pool); the process's
+main thread is the event loop; every other thread (torch's intra-op pool, ...) is "other"."""
+CPU_COLUMNS = ("event loop", *THREAD_GROUPS.values(), "other")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) each thread group of process `pid` has used; {} without /proc."""
+    groups: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    tasks = Path(f"/proc/{pid}/task")
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        group = "event loop" if task.name == str(pid) else THREAD_GROUPS.get(name, "other")
+        groups[group] = groups.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return groups
 
 
 def _metrics(url: str) -> dict[tuple[str, str], float]:
@@ -191,11 +308,13 @@ def run_scenario_on_fresh_server(
             httpx.get(f"{url}/stats", params={"reset": "true"}, timeout=30)
         else:
             before = _metrics(url)
+        cpu_before = thread_cpu_seconds(process.pid)
         try:
             records, wall = asyncio.run(_drive(url, scenario, photos))
         except httpx.TransportError:
             process.wait(timeout=60)
             records, wall = [], 0.0
+        cpu_after = thread_cpu_seconds(process.pid)
         if process.poll() is not None or not records or all(r.status == 0 for r in records):
             process.wait(timeout=60)
             crashed = f"server died (exit status {process.returncode}; -9 is the kernel's OOM killer here)"
@@ -211,16 +330,20 @@ def run_scenario_on_fresh_server(
             work = _stage_means(before, after, "cliplens_image_stage_seconds")
             wait = _stage_means(before, after, "cliplens_stage_queue_seconds")
     latencies = [r.latency_ms for r in records]
+    served = sum(r.ok for r in records)
+    cpu_s = {group: cpu_after[group] - cpu_before.get(group, 0.0) for group in cpu_after}
     return ScenarioResult(
         variant=variant,
         scenario=label,
-        images=sum(r.ok for r in records),
+        images=served,
         wall_s=wall,
         p50_ms=float(np.percentile(latencies, 50)),
         p95_ms=float(np.percentile(latencies, 95)),
         work_ms=work,
         wait_ms=wait,
         errors=sum(sum(r.errors.values()) for r in records),
+        cpu_ms={group: seconds * 1000 / max(1, served) for group, seconds in cpu_s.items()},
+        cores_busy=sum(cpu_s.values()) / wall if wall else 0.0,
     )
 
 
@@ -243,6 +366,7 @@ def render(
     args: argparse.Namespace,
     results: list[ScenarioResult],
     ceilings: dict[str, tuple[float, int]],
+    costs: dict[str, dict[str, tuple[float, bool]]],
     default_dtype: str,
     elapsed_s: float,
 ) -> str:
@@ -300,10 +424,93 @@ def render(
     lines += ["", "## Model-only ceiling", ""]
     for dtype, (rate, batch) in ceilings.items():
         lines.append(f"- {dtype}: {rate:.2f} images/s (best batch size {batch})")
+    if costs:
+        lines += host_efficiency(by_key, costs, int(info["cores"]))
     lines += ["", "## Targets", ""]
     cores = int(info["cores"]) if args.device == "cpu" else None
     lines += targets(by_key, ceilings, default_dtype, scenarios, cores)
+    lines += efficiency_targets(by_key, costs, int(info["cores"]))
     return "\n".join(lines) + "\n"
+
+
+def _free_runs(
+    by_key: dict[tuple[str, str], ScenarioResult], costs: dict[str, dict[str, tuple[float, bool]]], cores: int
+) -> Iterator[tuple[ScenarioResult, float, str]]:
+    """(the free-model run, its host limit in images/s, the decode path that limit is from)."""
+    for size, paths in costs.items():
+        label = f" {size[:-2]} MP only"
+        runs = (r for (v, s), r in by_key.items() if v == "cliplens-free" and s.endswith(label))
+        result = next(runs, None)
+        if result is not None and not result.crashed:
+            limit, path = host_limit(paths, cores)
+            yield result, limit, path
+
+
+def host_efficiency(
+    by_key: dict[tuple[str, str], ScenarioResult], costs: dict[str, dict[str, tuple[float, bool]]], cores: int
+) -> list[str]:
+    lines = [
+        "",
+        "## Host efficiency (free model)",
+        "",
+        "`cliplens-free` serves the same photos and load with a one-layer model that costs almost",
+        "nothing, so its images/s is what the host side (HTTP, storage, decode, preprocess, batching,",
+        "telemetry, encoding) sustains. The host limit is the usable cores divided by the mean",
+        "single-core time per image of the fastest decode path measured below on the same photos",
+        "that keeps cliplens's fidelity (DCT scaling to at least twice the model's input).",
+        "",
+        "| photos | decode path (one thread) | ms per image | keeps the fidelity bound |",
+        "|---|---|---:|---|",
+    ]
+    for size, paths in costs.items():
+        for name, (seconds, admissible) in paths.items():
+            lines.append(
+                f"| {size[:-2]} MP | {name} | {seconds * 1000:.1f} | {'yes' if admissible else 'no'} |"
+            )
+    lines += [
+        "",
+        f"| scenario | images/s | host limit ({cores} cores) | host efficiency |",
+        "|---|---:|---:|---:|",
+    ]
+    for result, limit, _ in _free_runs(by_key, costs, cores):
+        lines.append(
+            f"| {result.scenario} | {result.throughput:.1f} | {limit:.1f} | {result.throughput / limit:.0%} |"
+        )
+    return lines + cpu_by_thread([r for (v, _), r in by_key.items() if v == "cliplens-free"], cores)
+
+
+def cpu_by_thread(results: Sequence[ScenarioResult], cores: int) -> list[str]:
+    """Where the host's CPU went: milliseconds per image served, by thread group, and idle cores."""
+    results = [r for r in results if r.cpu_ms and not r.crashed]
+    if not results:
+        return []
+    lines = [
+        "",
+        "CPU per image served, by thread (ms; from /proc, the server's threads only), and the cores",
+        "left idle:",
+        "",
+        f"| scenario | {' | '.join(CPU_COLUMNS)} | total | cores idle of {cores} |",
+        f"|---|{'---:|' * (len(CPU_COLUMNS) + 2)}",
+    ]
+    for result in results:
+        cells = " | ".join(f"{result.cpu_ms.get(column, 0.0):.2f}" for column in CPU_COLUMNS)
+        total = sum(result.cpu_ms.values())
+        lines.append(f"| {result.scenario} | {cells} | {total:.2f} | {cores - result.cores_busy:.2f} |")
+    return lines
+
+
+def efficiency_targets(
+    by_key: dict[tuple[str, str], ScenarioResult], costs: dict[str, dict[str, tuple[float, bool]]], cores: int
+) -> list[str]:
+    lines = []
+    for result, limit, path in _free_runs(by_key, costs, cores):
+        efficiency = result.throughput / limit
+        verdict = "met" if efficiency >= 0.85 else "missed"
+        lines.append(
+            f"- host efficiency, cliplens-free at {result.scenario}: {efficiency:.0%} of "
+            f"{limit:.1f} images/s ({path}) (target >= 85%): {verdict}"
+        )
+    return lines
 
 
 def _why_missed(result: ScenarioResult, original: ScenarioResult, ceiling: float, cores: int | None) -> str:
@@ -375,7 +582,7 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=60)
     parser.add_argument("--images", type=int, default=50, help="images per request")
     parser.add_argument("--concurrency", type=int, default=30)
-    parser.add_argument("--variants", default="original,cliplens-default,cliplens-float32")
+    parser.add_argument("--variants", default="original,cliplens-default,cliplens-float32,cliplens-free")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -392,8 +599,10 @@ def main() -> None:
     mix = {"2mp": 1.0} if args.tiny else {"12mp": 0.5, "2mp": 0.5}
     print(f"generating {args.photos} photos in {mixed_dir} ...", flush=True)
     mixed = sorted(p.name for p in generate(mixed_dir, args.photos, mix, workers=usable_cpus()))
-    small = [name for name in mixed if name.endswith("-2mp.jpg")]
-    scenarios = [
+    by_class = {size: [name for name in mixed if name.endswith(f"-{size}.jpg")] for size in ("12mp", "2mp")}
+    load = f"{args.images} x {args.concurrency}"
+    concurrent = Scenario(args.images, args.concurrency)
+    common = [
         ("1 image", Scenario(1), mixed),
         (f"{args.images} images", Scenario(args.images), mixed),
         (
@@ -401,8 +610,13 @@ def main() -> None:
             Scenario(args.images, args.concurrency),
             mixed,
         ),
-        (f"{args.images} x {args.concurrency}, 2 MP only", Scenario(args.images, args.concurrency), small),
     ]
+    single_size = [
+        (f"{load}, {size[:-2]} MP only", concurrent, names) for size, names in by_class.items() if names
+    ]
+    scenarios = {variant: common + single_size[-1:] for variant in args.variants}
+    if "cliplens-free" in scenarios:
+        scenarios["cliplens-free"] = single_size
     device = torch.device(args.device)
     default_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")
     info = machine()
@@ -428,31 +642,24 @@ def main() -> None:
         CLIPLENS_IMAGE_ROOT=str(mixed_dir),
         CLIPLENS_DEVICE=args.device,
     )
-    commands = {
-        "original": [
-            sys.executable,
-            str(ROOT / "benchmarks" / "original_server.py"),
-            "--model",
-            args.model,
-            "--image-root",
-            str(mixed_dir),
-            "--device",
-            args.device,
-        ],
-        "cliplens-default": [sys.executable, "-m", "cliplens.cli", "serve"],
-        "cliplens-float32": [sys.executable, "-m", "cliplens.cli", "serve"],
-        "cliplens-gpu-decode": [sys.executable, "-m", "cliplens.cli", "serve"],
-    }
+    serve = [sys.executable, "-m", "cliplens.cli", "serve"]
+    original = [sys.executable, str(ROOT / "benchmarks" / "original_server.py")]
+    original += ["--model", args.model, "--image-root", str(mixed_dir), "--device", args.device]
     results: list[ScenarioResult] = []
     for variant in args.variants:
         variant_env = dict(env, CLIPLENS_DTYPE="float32" if variant == "cliplens-float32" else "auto")
         if variant == "cliplens-gpu-decode":
             variant_env["CLIPLENS_GPU_DECODE"] = "1"
+        if variant == "cliplens-free":
+            free_dir = workdir / "free-model"
+            free_dir.mkdir(parents=True, exist_ok=True)
+            (free_dir / "open_clip_config.json").write_text(json.dumps(FREE_CONFIG))
+            variant_env["CLIPLENS_MODEL"] = f"local-dir:{free_dir}"
         print(f"variant {variant} ...", flush=True)
-        for label, scenario, photos in scenarios:
+        for label, scenario, photos in scenarios[variant]:
             result = run_scenario_on_fresh_server(
                 variant,
-                commands[variant],
+                original if variant == "original" else serve,
                 variant_env,
                 workdir / f"{variant}.log",
                 label,
@@ -463,7 +670,13 @@ def main() -> None:
             results.append(result)
             shown = result.crashed or f"{result.throughput:7.2f} images/s"
             print(f"  {variant:18s} {label:28s} {shown}", flush=True)
-    page = render(info, args, results, ceilings, default_dtype, time.perf_counter() - started)
+    costs = {}
+    if "cliplens-free" in args.variants:
+        for size, names in by_class.items():
+            if names:
+                costs[size] = decode_costs([mixed_dir / name for name in names])
+                print(f"decode cost {size}: {costs[size]}", flush=True)
+    page = render(info, args, results, ceilings, costs, default_dtype, time.perf_counter() - started)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page)
     print(page, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,17 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
     page = output.read_text()
     for variant in ("original", "cliplens-default", "cliplens-float32"):
         assert page.count(f"| {variant} |") == 8, variant
+    assert page.count("| cliplens-free |") == 2  # its one scenario (2 MP only at --tiny), both tables
     for heading in ("## Machine", "## Throughput and latency", "## Model-only ceiling", "## Targets"):
         assert heading in page
     assert "- cores: " in page
     assert "of the model-only ceiling" in page
+    efficiency = re.search(r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \| (\d+)% \|", page)
+    assert efficiency is not None, page
+    rate, limit, percent = float(efficiency[1]), float(efficiency[2]), int(efficiency[3])
+    assert rate > 0 and limit > 0 and percent == round(100 * rate / limit)
+    assert "host efficiency, cliplens-free at 2 x 2, 2 MP only" in page
+    by_thread = re.search(
+        r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \|.* \| ([0-9.]+) \| [0-9.-]+ \|$", page, re.M
+    )
+    assert by_thread is not None and float(by_thread[2]) > 0  # the decode workers' CPU was seen

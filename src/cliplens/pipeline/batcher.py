@@ -18,13 +18,13 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opentelemetry.trace import SpanContext, Tracer
 
+from cliplens.machine import named_pool
 from cliplens.pipeline.model import LoadedModel
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.telemetry.metrics import Metrics
@@ -64,7 +64,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._upstream = 0
         self._wakeup = asyncio.Event()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cliplens-model")
+        self._thread = named_pool(1, "cliplens-model")
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
