@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
-from cliplens.pipeline.decode import BACKGROUND, decode_image, sniff_format
+from cliplens.pipeline.decode import BACKGROUND, decode_cost, decode_image, sniff_format
 from cliplens.vocabulary import ErrorCode, ItemError
 from tests.harness.hostile_bytes import jpeg_claiming, png_claiming
 
@@ -101,6 +101,24 @@ def test_the_pixel_cap_is_a_setting() -> None:
         decode_image(data, MIN_SIDE, max_pixels=400 * 300 - 1)
     assert caught.value.code == ErrorCode.TOO_LARGE
     assert decode_image(data, MIN_SIDE, max_pixels=400 * 300).size == (400, 300)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize(
+    "size", [(4032, 3024), (1920, 1080), (3000, 4000), (897, 1793), (449, 300), (100, 50)]
+)
+def test_the_cost_read_from_a_jpeg_frame_header_is_the_one_pillow_decodes_at(
+    size: tuple[int, int], mode: str
+) -> None:
+    """decode_cost reads a JPEG's frame header itself (it runs on the event loop for every image);
+    it must predict exactly the DCT-reduced size Pillow then decodes at."""
+    data = save(Image.new(mode, size), "JPEG", quality=50)
+    decoded = decode_image(data, MIN_SIDE, MAX_PIXELS)
+    width, height = decoded.size
+    assert decode_cost(data, MIN_SIDE, MAX_PIXELS) == width * height * 16
+    with pytest.raises(ItemError) as caught:
+        decode_cost(data, MIN_SIDE, size[0] * size[1] - 1)
+    assert caught.value.code is ErrorCode.TOO_LARGE
 
 
 def test_the_format_comes_from_the_signature_not_a_name() -> None:

@@ -61,3 +61,23 @@ def test_the_output_is_the_model_size_in_uint8_before_normalising() -> None:
     image = preprocessor(np.zeros((300, 500, 3), dtype=np.uint8))
     assert image.dtype == torch.uint8
     assert tuple(image.shape) == (3, 224, 224)
+
+
+def test_normalize_is_the_textbook_formula_in_one_batch() -> None:
+    """`normalize` folds (x / 255 - mean) / std into one multiply and one add; the batch it makes
+    must be that formula, image by image, whatever the batch size."""
+    config = PreprocessConfig()
+    preprocessor = Preprocessor(config, torch.device("cpu"))
+    images = [
+        torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        for i in range(5)
+    ]
+    mean = torch.tensor(config.mean).view(3, 1, 1)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    batch = preprocessor.normalize(images, torch.float32)
+    assert batch.shape == (5, 3, 224, 224) and batch.dtype == torch.float32
+    for image, row in zip(images, batch, strict=True):
+        expected = (image.float() / 255.0 - mean) / std
+        assert torch.allclose(row, expected, atol=1e-5)
+    assert torch.equal(preprocessor.normalize(images[2:3], torch.float32)[0], batch[2])
+    assert preprocessor.normalize(images, torch.bfloat16).dtype == torch.bfloat16

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(v) for v in np.asarray(vector, dtype=np.float32)]
+    floats: list[float] = np.asarray(vector, dtype=np.float32).tolist()  # C, not a Python loop
+    return floats
 
 
 def _check_model(service: EmbeddingService, asked: str | None) -> None:

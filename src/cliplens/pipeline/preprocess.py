@@ -72,8 +72,11 @@ class Preprocessor:
         self.config = config
         self.device = device
         self._interpolation = _INTERPOLATIONS[config.interpolation]
-        self._mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+        mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+        """(x / 255 - mean) / std == x * scale + shift: two passes over the batch instead of three."""
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 numpy -> (3, H, W) uint8 tensor on the device (pinned copy for CUDA)."""
@@ -112,9 +115,10 @@ class Preprocessor:
 
     def normalize(self, images: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Stack uint8 images into one normalised batch on the device, in the model's dtype."""
-        batch = torch.stack([img.to(self.device, non_blocking=True) for img in images])
-        batch = batch.to(torch.float32).div_(255.0).sub_(self._mean).div_(self._std)
-        return batch.to(dtype)
+        if self.device.type != "cpu":
+            images = [img.to(self.device, non_blocking=True) for img in images]
+        batch = torch.stack(list(images)).to(torch.float32)
+        return batch.mul_(self._scale).add_(self._shift).to(dtype)
 
 
 def _center_crop_or_pad(image: torch.Tensor, height: int, width: int, fill: int) -> torch.Tensor:
