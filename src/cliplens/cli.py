@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cliplens.machine import bound_openmp_spinning
 from cliplens.settings import Settings, SettingsError, load_settings
 from cliplens.telemetry.logs import configure_logging
 
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    bound_openmp_spinning()  # before anything imports torch
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(build_parser().parse_args(arguments), arguments)
