@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,8 @@ class ScenarioResult:
     cpu_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     """CPU milliseconds per image served, by thread group (see `THREAD_GROUPS`)."""
     cores_busy: float = 0.0
+    error_codes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Items not served, by item error code (`timeout`: the request deadline passed first)."""
 
     @property
     def throughput(self) -> float:
@@ -342,6 +345,7 @@ def run_scenario_on_fresh_server(
         work_ms=work,
         wait_ms=wait,
         errors=sum(sum(r.errors.values()) for r in records),
+        error_codes=dict(sum((Counter(r.errors) for r in records), Counter())),
         cpu_ms={group: seconds * 1000 / max(1, served) for group, seconds in cpu_s.items()},
         cores_busy=sum(cpu_s.values()) / wall if wall else 0.0,
     )
@@ -401,11 +405,15 @@ def render(
                 lines.append(f"| {scenario} | {variant} | {result.crashed} | - | - | - | {result.errors} |")
                 continue
             ratio = f"{result.throughput / base.throughput:.2f}x" if base and base.throughput else "-"
+            codes = ", ".join(f"{code} {count}" for code, count in sorted(result.error_codes.items()))
             lines.append(
                 f"| {scenario} | {variant} | {result.throughput:.2f} | {ratio} | {result.p50_ms:.0f} ms "
-                f"| {result.p95_ms:.0f} ms | {result.errors} |"
+                f"| {result.p95_ms:.0f} ms | {result.errors}{f' ({codes})' if codes else ''} |"
             )
     lines += [
+        "",
+        "Errors are items not served, by item error code; `timeout` means the request's deadline",
+        "(`CLIPLENS_REQUEST_TIMEOUT_S`, 120 s by default) passed while the item was still waiting.",
         "",
         "## Per-image stage work and wait (mean ms: load / decode / preprocess / embed)",
         "",
@@ -457,7 +465,8 @@ def host_efficiency(
         "nothing, so its images/s is what the host side (HTTP, storage, decode, preprocess, batching,",
         "telemetry, encoding) sustains. The host limit is the usable cores divided by the mean",
         "single-core time per image of the fastest decode path measured below on the same photos",
-        "that keeps cliplens's fidelity (DCT scaling to at least twice the model's input).",
+        "that keeps cliplens's fidelity (DCT scaling to at least twice the model's input). Where the",
+        "host's time goes, and what each cost got: [host-profile.md](host-profile.md).",
         "",
         "| photos | decode path (one thread) | ms per image | keeps the fidelity bound |",
         "|---|---|---:|---|",
