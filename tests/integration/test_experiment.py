@@ -391,3 +391,29 @@ def test_a_running_service_is_measured_through_its_url_with_photos_copied_to_its
         f"cliplens-experiment/{name}" for name in copied
     ]
     assert not (tmp_path / "out" / "results.png").exists()
+
+
+def test_your_own_photos_are_measured_from_an_empty_working_directory(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """The headline use: `cliplens experiment --photos ./my-photos` where nothing else exists yet
+    (the default output folder, cliplens-results, is made by the study, not only by generation)."""
+    photos = tmp_path / "my-photos"
+    photos.mkdir()
+    for index, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (96, 64), colour).save(photos / f"photo-{index}.jpg")
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    command = ["experiment", "--photos", str(photos), "--scenario", "3", "--no-figure"]
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplens.cli", *command],
+        env=_env(tiny_model),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    data = json.loads((cwd / "cliplens-results" / "results.json").read_text())
+    assert data["scenarios"][0]["summary"]["images_ok"] == 3
+    assert len((cwd / "cliplens-results" / "references.txt").read_text().split()) == 3

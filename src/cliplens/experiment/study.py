@@ -286,6 +286,7 @@ def run_study(
 ) -> Results:
     """Run the plan; the Results hold every raw number and the context they were measured in."""
     plan.check()
+    plan.out_dir.mkdir(parents=True, exist_ok=True)  # whether photos are generated here or not
     started = _now()
     with _progress(console) as progress:
         photos, directory, corpus_info = _prepare_corpus(plan, progress)
