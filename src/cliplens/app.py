@@ -22,7 +22,7 @@ from cliplens.api.embeddings import EmbeddingsController
 from cliplens.api.errors import EXCEPTION_HANDLERS
 from cliplens.api.health import healthz, readyz
 from cliplens.api.metrics import metrics
-from cliplens.api.models import list_models
+from cliplens.api.models import list_models, retrieve_model
 from cliplens.api.requests import CliplensRequest
 from cliplens.runtime import Runtime
 from cliplens.settings import Settings
@@ -53,7 +53,11 @@ def create_app(settings: Settings, on_fatal: Callable[[BaseException], None] | N
     )
     app = Litestar(
         route_handlers=[
-            Router(path="/", route_handlers=[EmbeddingsController, list_models], guards=[require_token]),
+            Router(
+                path="/",
+                route_handlers=[EmbeddingsController, list_models, retrieve_model],
+                guards=[require_token],
+            ),
             healthz,
             readyz,
             metrics,

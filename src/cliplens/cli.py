@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cliplens import __version__
 from cliplens.machine import bound_openmp_spinning
 from cliplens.settings import Settings, SettingsError, load_settings
 from cliplens.telemetry.logs import configure_logging
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliplens", description=__doc__.splitlines()[0] if __doc__ else None
     )
+    parser.add_argument("--version", action="version", version=f"cliplens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the embedding service under uvicorn")
     serve.add_argument("--host", default="127.0.0.1")

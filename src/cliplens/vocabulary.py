@@ -80,6 +80,7 @@ class RequestErrorCode(StrEnum):
     EMPTY_INPUT = "empty_input"
     TOO_MANY_ITEMS = "too_many_items"
     MODEL_NOT_FOUND = "model_not_found"
+    UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"
     UNAUTHORIZED = "unauthorized"
     ROUTE_NOT_FOUND = "route_not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"

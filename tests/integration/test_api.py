@@ -124,7 +124,8 @@ def test_upload_embeds_multipart_files_named_by_file_name(client: Client) -> Non
     ("body", "status", "code"),
     [
         ({"input": []}, 422, "empty_input"),
-        ({"input": ["a.jpg"], "model": "ViT-H-14/other"}, 422, "model_not_found"),
+        ({"input": ["a.jpg"], "model": "ViT-H-14/other"}, 404, "model_not_found"),
+        ({"input": ["a.jpg"], "dimensions": 16}, 400, "unsupported_dimensions"),
         ({"inputs": ["a.jpg"]}, 400, "invalid_body"),
         ({"input": [1, 2]}, 400, "invalid_body"),
         ({"input": ["a.jpg"], "encoding_format": "int8"}, 400, "invalid_body"),
@@ -163,6 +164,17 @@ def test_the_model_name_may_be_the_full_id_or_the_architecture(client: Client) -
         assert (
             client.post("/v1/embeddings", json={"input": "album/1/a.jpg", "model": name}).status_code == 200
         )
+
+
+def test_one_model_is_retrieved_by_its_id_or_architecture_and_others_are_404(client: Client) -> None:
+    listed = client.get("/v1/models").json()["data"][0]
+    for name in (listed["id"], listed["architecture"]):
+        response = client.get(f"/v1/models/{name}")
+        assert response.status_code == 200, response.text
+        assert response.json() == listed
+    missing = client.get("/v1/models/ViT-H-14/other")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
 
 
 def test_models_reports_dimension_device_dtype_and_random_weights(client: Client) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 from openai import OpenAI
 from PIL import Image
@@ -39,6 +40,14 @@ def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -
         default = client.embeddings.create(
             model=model, input="album/1/a.jpg", extra_body={"modality": "image"}
         )
+        assert client.models.retrieve(model).id == model
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("ViT-H-14/other")
+        with pytest.raises(openai.NotFoundError):
+            client.embeddings.create(model="ViT-H-14/other", input="album/1/a.jpg")
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.embeddings.create(model=model, input="album/1/a.jpg", dimensions=8)
+        assert refused.value.code == "unsupported_dimensions"
     assert [e.index for e in floats.data] == [0, 1]
     for a, b in zip(floats.data, packed.data, strict=True):
         decoded = (
@@ -128,3 +137,13 @@ def test_demo_runs_end_to_end_and_prints_the_stage_table(settings: Settings, tmp
         assert figure.size[0] >= 800 and figure.size[1] >= 600
         pixels = np.asarray(figure.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "the figure is blank"
+
+
+def test_cliplens_version_answers_without_loading_anything() -> None:
+    from cliplens import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cliplens.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cliplens {__version__}"

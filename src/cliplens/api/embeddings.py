@@ -17,6 +17,7 @@ from litestar.params import JSONBody
 from opentelemetry import trace
 
 from cliplens.api.errors import trace_headers
+from cliplens.api.models import check_model
 from cliplens.api.schemas import (
     EmbeddingData,
     EmbeddingRequest,
@@ -43,18 +44,6 @@ def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] 
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     floats: list[float] = np.asarray(vector, dtype=np.float32).tolist()  # C, not a Python loop
     return floats
-
-
-def _check_model(service: EmbeddingService, asked: str | None) -> None:
-    served = service.model
-    if asked is not None and asked not in (served.id, served.architecture):
-        raise _unknown_model(asked, served.id)
-
-
-def _unknown_model(asked: str, served: str) -> RequestError:
-    return RequestError(
-        RequestErrorCode.MODEL_NOT_FOUND, f"model {echo(asked)!r} is not served here; this serves {served!r}"
-    )
 
 
 def _check_count(settings: Settings, count: int) -> None:
@@ -162,10 +151,13 @@ class EmbeddingsController(Controller):
         service = runtime.service
         items = [data.input] if isinstance(data.input, str) else data.input
         _check_count(runtime.settings, len(items))
-        _check_model(service, data.model)
+        check_model(service.model, data.model)
         if data.dimensions is not None and data.dimensions != service.model.dimension:
-            raise _unknown_model(
-                f"{data.model or service.model.id} with {data.dimensions} dimensions", service.model.id
+            # CLIP was not trained Matryoshka-style: a cut vector is not a smaller embedding of it.
+            raise RequestError(
+                RequestErrorCode.UNSUPPORTED_DIMENSIONS,
+                f"{service.model.id} embeds in {service.model.dimension} dimensions only"
+                f" (asked for {data.dimensions})",
             )
         modality = Modality(data.modality)
         body_bytes = len(await request.body())  # read already; held in the memory budget until the answer
@@ -194,7 +186,7 @@ class EmbeddingsController(Controller):
             request.app.multipart_form_part_limit,
         )
         _check_count(runtime.settings, len(form.files))
-        _check_model(service, form.model)
+        check_model(service.model, form.model)
         items: list[str | Reference] = list(form.files)
         embeddings = await service.embed_images(items, _current_span(), body_bytes=form.body_bytes)
         return _respond(service, embeddings, form.encoding_format, Modality.IMAGE)

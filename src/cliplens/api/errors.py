@@ -40,6 +40,7 @@ _UNAVAILABLE = "service_unavailable"
 RESPONSES: dict[RequestErrorCode, ErrorResponse] = {
     RequestErrorCode.INVALID_BODY: ErrorResponse(400, _INVALID),
     RequestErrorCode.INVALID_REQUEST: ErrorResponse(400, _INVALID),
+    RequestErrorCode.UNSUPPORTED_DIMENSIONS: ErrorResponse(400, _INVALID),
     RequestErrorCode.UNAUTHORIZED: ErrorResponse(
         401, "authentication_error", {"WWW-Authenticate": 'Bearer realm="cliplens"'}
     ),
@@ -49,7 +50,7 @@ RESPONSES: dict[RequestErrorCode, ErrorResponse] = {
     RequestErrorCode.BODY_TOO_LARGE: ErrorResponse(413, _INVALID),
     RequestErrorCode.TOO_MANY_ITEMS: ErrorResponse(413, _INVALID),
     RequestErrorCode.EMPTY_INPUT: ErrorResponse(422, _INVALID),
-    RequestErrorCode.MODEL_NOT_FOUND: ErrorResponse(422, _INVALID),
+    RequestErrorCode.MODEL_NOT_FOUND: ErrorResponse(404, _INVALID),  # OpenAI's status for it
     RequestErrorCode.OVERLOADED: ErrorResponse(429, "rate_limit_error", {"Retry-After": "1"}),
     RequestErrorCode.INTERNAL_ERROR: ErrorResponse(500, "server_error"),
     RequestErrorCode.MODEL_NOT_READY: ErrorResponse(503, _UNAVAILABLE, {"Retry-After": "5"}),

@@ -1,20 +1,30 @@
-"""GET /v1/models: the served model, its embedding dimension, device and dtype (OpenAI's list shape)."""
+"""GET /v1/models and /v1/models/{id}: the served model, its embedding dimension, device and dtype
+(OpenAI's list and model shapes, so its client's `models.list()` and `models.retrieve()` work)."""
 
 from __future__ import annotations
 
 from litestar import get
 from litestar.di import NamedDependency
 
-from cliplens.api.schemas import ModelCard, ModelList
+from cliplens.api.schemas import ModelCard, ModelList, echo
+from cliplens.pipeline.model import LoadedModel
 from cliplens.runtime import Runtime
+from cliplens.vocabulary import RequestError, RequestErrorCode
 
 RANDOM_WARNING = "random weights: timings are real, embeddings are meaningless"
 
 
-@get("/v1/models", tags=["models"], sync_to_thread=False)
-def list_models(runtime: NamedDependency[Runtime]) -> ModelList:
-    model = runtime.service.model
-    card = ModelCard(
+def check_model(served: LoadedModel, asked: str | None) -> None:
+    """A request may name the model by its full id or its architecture; anything else is 404."""
+    if asked is not None and asked not in (served.id, served.architecture):
+        raise RequestError(
+            RequestErrorCode.MODEL_NOT_FOUND,
+            f"model {echo(asked)!r} is not served here; this serves {served.id!r}",
+        )
+
+
+def model_card(model: LoadedModel) -> ModelCard:
+    return ModelCard(
         id=model.id,
         dimension=model.dimension,
         device=str(model.device),
@@ -24,4 +34,16 @@ def list_models(runtime: NamedDependency[Runtime]) -> ModelList:
         random_weights=model.random_weights,
         warning=RANDOM_WARNING if model.random_weights else None,
     )
-    return ModelList(data=[card])
+
+
+@get("/v1/models", tags=["models"], sync_to_thread=False)
+def list_models(runtime: NamedDependency[Runtime]) -> ModelList:
+    return ModelList(data=[model_card(runtime.service.model)])
+
+
+@get("/v1/models/{model_id:path}", tags=["models"], sync_to_thread=False)
+def retrieve_model(model_id: str, runtime: NamedDependency[Runtime]) -> ModelCard:
+    """The model's id holds a slash (`ViT-B-32/laion2b_s34b_b79k`): the whole rest of the path is it."""
+    model = runtime.service.model
+    check_model(model, model_id.lstrip("/"))
+    return model_card(model)
