@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -129,13 +130,26 @@ def test_metrics_count_exactly_what_was_sent(settings: Settings) -> None:
     assert sum(v for (name, _), v in found.items() if name == "cliplens_model_info") == 1
 
 
+def test_metrics_carry_the_process_and_the_interpreter(settings: Settings) -> None:
+    """Memory, CPU, open files and the garbage collector, for alerts on the process itself."""
+    with running(settings) as client:
+        found = samples(client.get("/metrics").text)
+    names = {name for name, _ in found}
+    assert {"python_info", "python_gc_collections_total"} <= names
+    if Path("/proc/self/stat").exists():  # prometheus_client reads the process from Linux's /proc
+        assert value(found, "process_resident_memory_bytes") > 10_000_000
+        assert value(found, "process_cpu_seconds_total") > 0
+        assert value(found, "process_open_fds") > 0
+
+
 def test_openmetrics_scrape_carries_trace_id_exemplars(settings: Settings) -> None:
     with running(settings) as client:
         response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]})
         scrape = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
         plain = client.get("/metrics")
     assert scrape.headers["content-type"].startswith("application/openmetrics-text")
-    assert plain.headers["content-type"].startswith("text/plain")
+    assert plain.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert scrape.headers["content-type"].count("charset") == 1
     exemplars = {
         sample.exemplar.labels["trace_id"]
         for family in parse_openmetrics(scrape.text)

@@ -18,4 +18,6 @@ from cliplens.runtime import Runtime
 @get("/metrics", include_in_schema=False, sync_to_thread=False)
 def metrics(request: Request[Any, Any, Any], runtime: NamedDependency[Runtime]) -> Response[bytes]:
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    if content_type.startswith("text/"):  # Litestar appends the charset to text/* itself
+        content_type = content_type.replace("; charset=utf-8", "")
     return Response(encoder(runtime.metrics.registry), media_type=content_type)

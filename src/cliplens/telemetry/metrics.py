@@ -27,7 +27,15 @@ concurrency between scrapes).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 from cliplens.telemetry.extremes import WindowedExtremes
 from cliplens.vocabulary import IMAGE_WORK_STAGES, ErrorCode, Modality, RequestErrorCode, Stage
@@ -59,6 +67,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, extremes_window_s: float = 15.0) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         reg = self.registry
+        if registry is None:
+            # The process's own series (process_resident_memory_bytes, process_cpu_seconds_total,
+            # open fds, python_gc_*, python_info), which prometheus_client puts on its global registry only.
+            for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                reg.register(standard)
         self.extremes = WindowedExtremes(extremes_window_s)
         self.extremes.family("cliplens_request_stage", "per-request stage time", ["stage"])
         self.extremes.family("cliplens_image_stage", "per-image stage work", ["stage"])
