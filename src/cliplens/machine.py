@@ -57,7 +57,7 @@ libgomp's default, 300,000 (milliseconds of spinning), pays off when the model o
 cliplens the model's threads share them with the decode workers, and a spinning thread takes a core
 a decode worker needs. libgomp falls back to 100 on its own only while it counts more OpenMP threads
 than cores, which depended on which threads happened to exist: measured on 2 cores with the
-free-model benchmark, the same code served 2 MP photos at 95 or 140-165 images/s, the model's
+free-model benchmark, the same code served 2 MP photos at 92-102 or 140-167 images/s, the model's
 threads burning 9 or 1.8 CPU ms per image. 100 keeps the fast case, whatever threads exist."""
 
 
