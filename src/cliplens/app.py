@@ -30,9 +30,14 @@ from cliplens.settings import Settings
 UNTRACED_PATHS = ["^/metrics", "^/healthz", "^/readyz"]
 
 
-def create_app(settings: Settings, on_fatal: Callable[[BaseException], None] | None = None) -> Litestar:
-    """Build the app; `on_fatal` is called if the model cannot be loaded (the CLI exits then)."""
-    runtime = Runtime(settings, on_fatal=on_fatal)
+def create_app(
+    settings: Settings,
+    on_fatal: Callable[[BaseException], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> Litestar:
+    """Build the app; `on_fatal` is called if the model cannot be loaded (the CLI exits then),
+    `on_ready` once it is loaded and warm (the server settles its heap then)."""
+    runtime = Runtime(settings, on_fatal=on_fatal, on_ready=on_ready)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:

@@ -27,12 +27,18 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Everything one app instance owns; see the module docstring."""
 
-    def __init__(self, settings: Settings, on_fatal: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics(extremes_window_s=settings.extremes_window_s)
         self.tracer_provider = build_tracer_provider(settings)
         self.tracer = self.tracer_provider.get_tracer("cliplens")
         self.on_fatal = on_fatal
+        self.on_ready = on_ready
         self.load_error: BaseException | None = None
         self._service: EmbeddingService | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -75,7 +81,10 @@ class Runtime:
 
     async def _load(self) -> None:
         try:
-            self._service = await EmbeddingService.start(self.settings, self.tracer, self.metrics)
+            service = await EmbeddingService.start(self.settings, self.tracer, self.metrics)
+            if self.on_ready is not None:
+                self.on_ready()
+            self._service = service
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

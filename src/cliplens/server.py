@@ -33,6 +33,7 @@ If the model cannot be loaded, the server stops and `serve` returns 1.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -258,6 +259,18 @@ class DrainingServer(uvicorn.Server):
                 task.cancel("the shutdown grace period ended")
 
 
+def settle_heap() -> None:
+    """Once the model is loaded: collect, then freeze what start-up made (`gc.freeze`).
+
+    Imports, the model and the app leave about half a million Python objects that live as long as
+    the process; every full collection walked them all, ~200 ms with the event loop stopped (probes
+    and requests waited it out, as often as a fast load, cache hits, triggered one). Frozen, they
+    are never walked again: a full collection then takes what serving made, about a millisecond.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def build_server(settings: Settings, host: str, port: int) -> tuple[DrainingServer, list[BaseException]]:
     """The server and the list that collects a fatal start-up error (model not loadable)."""
     failures: list[BaseException] = []
@@ -268,7 +281,7 @@ def build_server(settings: Settings, host: str, port: int) -> tuple[DrainingServ
         for server in holder:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=fatal)
+    app = create_app(settings, on_fatal=fatal, on_ready=settle_heap)
     runtime: Runtime = app.state.runtime
     protocol = guarded_protocol(
         header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections
