@@ -135,6 +135,20 @@ class Settings:
     batch_wait_ms: Annotated[float, _NotNegative] = 2.0
     """How long the model worker may wait for a fuller batch, only while more images are on the way."""
 
+    cache_bytes: Annotated[int, _NotNegative] = 256 * 1024 * 1024
+    """Bound of the in-process embedding cache (pipeline/cache.py), in bytes; 0 turns it off."""
+    cache_url: Annotated[str | None, Field(pattern=r"^(redis|rediss|unix)://")] = field(
+        default=None, repr=False
+    )
+    """Shared cache tier for every replica, e.g. `redis://cache:6379/0` (Redis or Valkey); unset = none."""
+    cache_ttl_s: Annotated[int, _NotNegative] = 30 * 24 * 3600
+    """How long an entry lives in the shared tier, in seconds (0 = until the server evicts it)."""
+    cache_timeout_ms: Annotated[float, _Positive] = 50.0
+    """Longest one shared-tier operation may take; then it counts as an error and is bypassed."""
+    cache_connections: Annotated[int, _AtLeastOne] = 16
+    """Connections to the shared tier per process; an operation that finds none free within the
+    timeout is bypassed."""
+
     extremes_window_s: Annotated[float, _Positive] = 15.0
     """Sliding window of the exact min/max gauges; keep it above the Prometheus scrape interval."""
 

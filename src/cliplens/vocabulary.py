@@ -16,8 +16,14 @@ from enum import StrEnum
 
 
 class Stage(StrEnum):
-    """The stages every image crosses, in order. The values are span names and metric labels."""
+    """The stages an image crosses, in order. The values are span names and metric labels.
 
+    `cache` is crossed only while a cache is on (for inline bytes, after `load`); a cache hit
+    crosses no other stage."""
+
+    CACHE = "cache"
+    """reference -> cached vector: the content's identity (storage metadata, file status, or a hash
+    of inline bytes, which are loaded first) and the lookup; a hit skips every later stage"""
     LOAD = "load"
     """reference -> bytes (storage download, local read, inline data)"""
     DECODE = "decode"
@@ -35,6 +41,9 @@ class Stage(StrEnum):
 
 IMAGE_WORK_STAGES: tuple[Stage, ...] = tuple(stage for stage in Stage if stage.has_own_work)
 """The stages whose per-image work is observed (`embed` is timed per batch instead)."""
+PIPELINE_STAGES: tuple[Stage, ...] = tuple(stage for stage in Stage if stage is not Stage.CACHE)
+"""The stages that make a vector: what the study and the benchmark measure (their load skips the
+embedding cache, so that every photo crosses all of them)."""
 
 
 class Modality(StrEnum):

@@ -186,7 +186,7 @@ def assert_in_flight_within_levels_and_errors_counted(run: Run) -> None:
         )
         assert peak <= level.concurrency, (peak, level.concurrency)
     assert prometheus.value("sum(cliplens_requests_in_flight)", run.end) == 0
-    missing = sum(1 for s in run.sent for image in s.images if set(image) == {Stage.LOAD})
+    missing = sum(s.failed for s in run.sent)
     assert missing > 0
     not_found = prometheus.value('sum(cliplens_images_total{outcome="not_found"})', run.end)
     assert not_found == missing

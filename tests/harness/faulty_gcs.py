@@ -302,5 +302,7 @@ def service_env(gcs: FaultyGcs, bucket: str, **extra: str) -> dict[str, str]:
         "CLIPLENS_ALLOWED_BUCKETS": bucket,
         "STORAGE_EMULATOR_HOST": gcs.url,
         "CLIPLENS_ALLOW_EMULATOR": "1",
+        # the stand-in serves downloads only (no object metadata), and the tests count them
+        "CLIPLENS_CACHE_BYTES": "0",
         **extra,
     }

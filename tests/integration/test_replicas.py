@@ -63,7 +63,7 @@ from tests.harness.manifests import KUBERNETES, Manifest, container, find, rende
 from tests.harness.prometheus import SCRAPE_S, PrometheusServer
 from tests.harness.replicas import Haproxy, ServeProcess
 from tests.harness.servers import HttpOtlpReceiver
-from tests.harness.stage_load import EXTREMES_WINDOW_S, PHOTOS, Run, drive
+from tests.harness.stage_load import EXTREMES_WINDOW_S, PHOTOS, Run, drive, new_photo
 
 pytestmark = pytest.mark.slow  # about 80 s: three replicas, four load levels, the autoscaling window
 
@@ -291,7 +291,7 @@ def test_a_callers_trace_continues_on_whichever_replica_the_proxy_picks(replicat
             trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
             response = client.post(
                 "/v1/embeddings",
-                json={"input": list(PHOTOS)},
+                json={"input": [*PHOTOS, new_photo()]},  # cache hits, and a new photo: every stage
                 headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
             )
             assert response.status_code == 200

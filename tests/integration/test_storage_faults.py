@@ -56,6 +56,9 @@ def settings_for(tiny_model: str, url: str, **changes: object) -> Settings:
         request_timeout_s=3.0,
         download_timeout_s=0.5,
         download_retries=3,
+        # the stand-in serves downloads only (no object metadata), and these tests count them:
+        # the cache's metadata lookups are tested against fake-gcs-server (test_cache.py)
+        cache_bytes=0,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 

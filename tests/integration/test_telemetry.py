@@ -13,7 +13,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from cliplens.settings import Settings
-from cliplens.vocabulary import Stage
+from cliplens.vocabulary import PIPELINE_STAGES, Stage
 from tests.conftest import running
 from tests.harness.servers import GrpcOtlpReceiver, HttpOtlpReceiver, ReceivedSpan
 
@@ -70,13 +70,21 @@ def test_stage_spans_reach_the_receiver_under_the_request_span(
     for stage in Stage:
         assert by_name[stage].parent_span_id == root.span_id
 
+    # the embedding cache looks every file up first: the missing one fails there, before any load
+    lookups = {e[2]["cliplens.image.ref"]: e[2] for e in by_name["cache"].events if e[0] == "image"}
+    assert set(lookups) == set(inputs)
+    assert lookups["album/nope.jpg"]["cliplens.image.error"] == "not_found"
+    assert lookups["album/1/a.jpg"]["cliplens.image.misses"] == 1
+    assert by_name["cache"].status_code == 2
+    cache_span = by_name["cache"].attributes
+    assert (cache_span["cliplens.cache.hits"], cache_span["cliplens.cache.misses"]) == (0, 2)
     load_events = {e[2]["cliplens.image.ref"]: e[2] for e in by_name["load"].events if e[0] == "image"}
-    assert set(load_events) == set(inputs)
-    assert load_events["album/nope.jpg"]["cliplens.image.error"] == "not_found"
+    assert set(load_events) == {"album/1/a.jpg", "album/2/c.jpg"}
     loaded_bytes = load_events["album/1/a.jpg"]["cliplens.image.bytes"]
     assert isinstance(loaded_bytes, int) and loaded_bytes > 0
-    assert by_name["load"].status_code == 2
-    assert by_name["load"].attributes["cliplens.images"] == 3
+    assert by_name["load"].attributes["cliplens.images"] == 2
+    loaded = sum(int(event["cliplens.image.bytes"]) for event in load_events.values())  # type: ignore[call-overload]
+    assert by_name["load"].attributes["cliplens.bytes"] == loaded
     decode_refs = {e[2]["cliplens.image.ref"] for e in by_name["decode"].events}
     assert decode_refs == {"album/1/a.jpg", "album/2/c.jpg"}
 
@@ -109,7 +117,9 @@ def test_metrics_count_exactly_what_was_sent(settings: Settings) -> None:
     assert value(found, "cliplens_images_total", outcome="forbidden") == 1
     assert value(found, "cliplens_images_total", outcome="decode_failed") == 0
     assert value(found, "cliplens_texts_total") == 1
-    assert value(found, "cliplens_image_stage_seconds_count", stage="load") == 5
+    # the missing file fails in the cache's lookup (its status), the other bucket before any stage
+    assert value(found, "cliplens_image_stage_seconds_count", stage="cache") == 4
+    assert value(found, "cliplens_image_stage_seconds_count", stage="load") == 4
     assert value(found, "cliplens_image_stage_seconds_count", stage="decode") == 3
     assert value(found, "cliplens_image_stage_seconds_count", stage="preprocess") == 3
     assert value(found, "cliplens_stage_queue_seconds_count", stage="embed") == 3
@@ -175,7 +185,9 @@ def test_an_unsampled_request_records_metrics_without_exemplars(settings: Settin
 def test_exact_extremes_and_per_image_timings_agree_with_server_timing(settings: Settings) -> None:
     inputs = [["album/1/a.jpg"], ["album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg"], ["album/2/c.jpg"]]
     with running(settings) as client:
-        responses = [client.post("/v1/embeddings", json={"input": i, "timings": True}) for i in inputs]
+        # repeated photos, embedded again: the requests skip the cache
+        body = {"timings": True, "cache": False}
+        responses = [client.post("/v1/embeddings", json={"input": i, **body}) for i in inputs]
         found = samples(client.get("/metrics").text)
     load = [server_timing(r.headers["server-timing"])["load"] for r in responses]
     low = value(found, "cliplens_request_stage_min_seconds", stage="load") * 1000
@@ -192,7 +204,7 @@ def test_exact_extremes_and_per_image_timings_agree_with_server_timing(settings:
     )
     first = responses[1].json()["timings"]
     assert [t["index"] for t in first] == [0, 1, 2]
-    assert set(first[0]["stages"]) == set(Stage)
+    assert set(first[0]["stages"]) == set(PIPELINE_STAGES)
     assert "timings" not in client_free_body(settings)
 
 

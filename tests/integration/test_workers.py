@@ -13,17 +13,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cliplens.app import create_app
 from cliplens.settings import Settings
-from cliplens.vocabulary import IMAGE_WORK_STAGES, Stage
+from cliplens.vocabulary import Stage
 from tests.conftest import wait_ready
 
 CPU_WORKERS = 3
 """Not the fixture's 2: the pool is sized by the setting given here."""
-CPU_STAGES = tuple(stage for stage in IMAGE_WORK_STAGES if stage is not Stage.LOAD)
+CPU_STAGES = (Stage.DECODE, Stage.PREPROCESS)
+"""The stages whose work runs on the CPU pool."""
 """The stages whose work runs on the CPU executor (loading is I/O on the event loop)."""
 
 
 def test_concurrent_requests_share_one_bounded_cpu_pool(settings: Settings) -> None:
-    bounded = dataclasses.replace(settings, cpu_workers=CPU_WORKERS, max_inputs=64)
+    # without the embedding cache, every one of the 48 images is decoded and preprocessed
+    bounded = dataclasses.replace(settings, cpu_workers=CPU_WORKERS, max_inputs=64, cache_bytes=0)
     before = set(threading.enumerate())
     app = create_app(bounded)
     exporter = InMemorySpanExporter()

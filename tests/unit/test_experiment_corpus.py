@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 from rich.progress import Progress
@@ -140,3 +142,14 @@ def test_plans_that_cannot_work_are_refused_before_anything_starts(
     with pytest.raises(StudyError, match=re.escape(message)):
         plan.check()
     assert not any(tmp_path.iterdir())
+
+
+def test_a_distinct_copy_has_other_bytes_and_the_same_pixels() -> None:
+    jpeg = corpus.encode_jpeg(corpus.render_photo(3, 96, 64))
+    copies = {corpus.distinct_copy(jpeg, number) for number in range(3)}
+    assert len(copies) == 3 and jpeg not in copies
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)))
+    for copy in copies:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(copy))), pixels)
+    with pytest.raises(ValueError):
+        corpus.distinct_copy(b"\x89PNG\r\n", 1)

@@ -1,7 +1,8 @@
 """POST /v1/embeddings and /v1/embeddings/upload: parse, check, run the pipeline, build the envelope.
 
 Every response carries `Server-Timing` (one entry per stage and the total, from the same stamps as
-the spans and histograms) and `X-Trace-Id` (the request's trace, to look up in Jaeger).
+the spans and histograms) and `X-Trace-Id` (the request's trace, to look up in Jaeger); with the
+embedding cache on, `X-Cache-Hits` (how many of the vectors came from it).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def _respond(
             for index, stages in sorted(embeddings.per_image.items())
         ]
     headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
+    if service.cache is not None:
+        headers["X-Cache-Hits"] = str(embeddings.cache_hits)
     log.info(
         "embeddings served",
         extra={
@@ -162,9 +165,11 @@ class EmbeddingsController(Controller):
         modality = Modality(data.modality)
         body_bytes = len(await request.body())  # read already; held in the memory budget until the answer
         if modality is Modality.TEXT:
-            embeddings = await service.embed_texts(items, _current_span(), data.truncate, body_bytes)
+            embeddings = await service.embed_texts(
+                items, _current_span(), data.truncate, body_bytes, read_cache=data.cache
+            )
         else:
-            embeddings = await service.embed_images(list(items), _current_span(), body_bytes)
+            embeddings = await service.embed_images(list(items), _current_span(), body_bytes, data.cache)
         return _respond(service, embeddings, data.encoding_format, modality, data.timings)
 
     @post(

@@ -6,7 +6,8 @@ from __future__ import annotations
 from litestar import get
 from litestar.di import NamedDependency
 
-from cliplens.api.schemas import ModelCard, ModelList, echo
+from cliplens.api.schemas import CacheCard, ModelCard, ModelList, echo
+from cliplens.pipeline.cache import EmbeddingCache
 from cliplens.pipeline.model import LoadedModel
 from cliplens.runtime import Runtime
 from cliplens.vocabulary import RequestError, RequestErrorCode
@@ -23,7 +24,7 @@ def check_model(served: LoadedModel, asked: str | None) -> None:
         )
 
 
-def model_card(model: LoadedModel) -> ModelCard:
+def model_card(model: LoadedModel, cache: EmbeddingCache | None) -> ModelCard:
     return ModelCard(
         id=model.id,
         dimension=model.dimension,
@@ -33,12 +34,23 @@ def model_card(model: LoadedModel) -> ModelCard:
         image_size=list(model.preprocess.size),
         random_weights=model.random_weights,
         warning=RANDOM_WARNING if model.random_weights else None,
+        cache=None if cache is None else cache_card(cache),
+    )
+
+
+def cache_card(cache: EmbeddingCache) -> CacheCard:
+    return CacheCard(
+        tiers=list(cache.tiers),
+        memory_bytes=cache.memory.capacity if cache.memory is not None else 0,
+        shared_url=cache.shared_url,
+        shared_ttl_s=cache.ttl_s,
+        model_fingerprint=cache.fingerprint[:32],
     )
 
 
 @get("/v1/models", tags=["models"], sync_to_thread=False)
 def list_models(runtime: NamedDependency[Runtime]) -> ModelList:
-    return ModelList(data=[model_card(runtime.service.model)])
+    return ModelList(data=[model_card(runtime.service.model, runtime.service.cache)])
 
 
 @get("/v1/models/{model_id:path}", tags=["models"], sync_to_thread=False)
@@ -46,4 +58,4 @@ def retrieve_model(model_id: str, runtime: NamedDependency[Runtime]) -> ModelCar
     """The model's id holds a slash (`ViT-B-32/laion2b_s34b_b79k`): the whole rest of the path is it."""
     model = runtime.service.model
     check_model(model, model_id.lstrip("/"))
-    return model_card(model)
+    return model_card(model, runtime.service.cache)

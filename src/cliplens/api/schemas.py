@@ -40,6 +40,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     truncate: bool = False
     """Texts longer than the service's cap (CLIPLENS_MAX_TEXT_CHARS) are cut to it instead of
     failing with `text_too_long`."""
+    cache: bool = True
+    """Extension: false skips the embedding cache's lookups (every vector is made, and written)."""
 
 
 class EmbeddingData(msgspec.Struct, kw_only=True):
@@ -80,6 +82,16 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     timings: list[ItemTimings] | msgspec.UnsetType = msgspec.UNSET
 
 
+class CacheCard(msgspec.Struct, kw_only=True):
+    """The embedding cache the model's vectors are served from (pipeline/cache.py)."""
+
+    tiers: list[str]
+    memory_bytes: int
+    shared_url: str | None
+    shared_ttl_s: int
+    model_fingerprint: str
+
+
 class ModelCard(msgspec.Struct, kw_only=True):
     id: str
     dimension: int
@@ -91,6 +103,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     object: str = "model"
     owned_by: str = "cliplens"
     warning: str | None = None
+    cache: CacheCard | None = None
+    """None when the service runs without a cache."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):

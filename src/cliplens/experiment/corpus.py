@@ -112,6 +112,15 @@ def encode_jpeg(image: Image.Image, quality: int = 90, orientation: int = 1) -> 
     return buffer.getvalue()
 
 
+def distinct_copy(jpeg: bytes, number: int) -> bytes:
+    """The same JPEG, pixel for pixel, with a comment segment holding `number`: other bytes, so
+    another photo to the embedding cache (whose keys name exact bytes), at the same cost to embed."""
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    comment = b"cliplens copy " + str(number).encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
+
+
 def dimensions(size_class: str) -> tuple[int, int]:
     """Width and height of a size class: a named phone size (`12mp`) or `WIDTHxHEIGHT`."""
     if size_class in SIZES:

@@ -124,11 +124,21 @@ async def send_request(
     timeout_s: float,
     origin: float | None = None,
     round_index: int = 0,
+    read_cache: bool = False,
 ) -> RequestRecord:
-    """POST one embeddings request and record it; a transport failure is a record, not an exception."""
+    """POST one embeddings request and record it; a transport failure is a record, not an exception.
+
+    The request skips the service's embedding cache unless `read_cache` (the load reuses its photos,
+    and a study of the pipeline must see every photo go through every stage)."""
     origin = time.perf_counter() if origin is None else origin
     started = time.perf_counter()
-    payload = {"input": list(names), "modality": "image", "encoding_format": "base64", "timings": True}
+    payload = {
+        "input": list(names),
+        "modality": "image",
+        "encoding_format": "base64",
+        "timings": True,
+        "cache": read_cache,
+    }
     try:
         response = await client.post("/v1/embeddings", json=payload, timeout=timeout_s)
     except httpx.TransportError as exc:
@@ -185,14 +195,16 @@ async def run_scenario(
     rounds: int = 1,
     timeout_s: float = 600.0,
     on_request: Callable[[RequestRecord], None] | None = None,
+    read_cache: bool = False,
 ) -> list[RequestRecord]:
-    """Send `rounds` waves of `scenario.concurrency` simultaneous requests, one wave after the other."""
+    """Send `rounds` waves of `scenario.concurrency` simultaneous requests, one wave after the other
+    (with or without reading the service's embedding cache: `send_request`)."""
     origin = time.perf_counter()
     records: list[RequestRecord] = []
     for round_index, wave in enumerate(batches(scenario, photos, rounds)):
 
         async def send(names: list[str], round_index: int = round_index) -> RequestRecord:
-            record = await send_request(client, scenario, names, timeout_s, origin, round_index)
+            record = await send_request(client, scenario, names, timeout_s, origin, round_index, read_cache)
             if on_request is not None:
                 on_request(record)
             return record

@@ -34,14 +34,15 @@ from rich.table import Table
 from rich.text import Text
 
 from cliplens.experiment.load import RequestRecord, Scenario
-from cliplens.vocabulary import Stage
+from cliplens.vocabulary import PIPELINE_STAGES, Stage
 
 if TYPE_CHECKING:
     from cliplens.experiment.results import Results
     from cliplens.experiment.study import StudyPlan
 
-IMAGE_STAGES: tuple[Stage, ...] = tuple(Stage)
-"""The service's stages, in the order an image goes through them."""
+IMAGE_STAGES: tuple[Stage, ...] = PIPELINE_STAGES
+"""The service's stages that make a vector, in the order an image goes through them (the study's
+load skips the embedding cache)."""
 LOAD_DECODE = "load+decode"
 """From asking for the photo to having its pixels: the two stages the study did not split out."""
 TOTAL = "total"

@@ -14,6 +14,7 @@ float32 elsewhere.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -115,6 +116,16 @@ class LoadedModel:
     def encode_texts(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids -> (N, D) L2-normalised float32 vectors, through the CLIP text tower."""
         return _normalised(self.model.encode_text(tokens.to(self.device)))
+
+    def weights_digest(self) -> str:
+        """SHA-256 of every parameter and buffer as served (names, dtypes, shapes and bytes, after
+        the cast): what the vectors are a function of, whatever file or tag the weights came from.
+        Random weights are their own model at every start. About a second for ViT-B-32."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def warm_up(self) -> None:
         """Run each tower once so the first request does not pay for lazy initialisation."""

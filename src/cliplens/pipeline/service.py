@@ -15,6 +15,11 @@ budget is full and before its decode until its predicted pixels fit. Texts are c
 tokenised on their own one-thread lane, and bound by the same admission and deadline.
 Each request has a deadline: items not done by then get `timeout`, and the rest is returned; a
 drain (SIGTERM) brings every deadline forward to just inside the grace period.
+
+With the embedding cache on (pipeline/cache.py), an item whose storage can say which bytes it
+names (a GCS object's generation, a file's status) is looked up before its load (stage `cache`);
+inline bytes are hashed and looked up after theirs. A hit is the item's vector: it crosses no
+other stage. Every vector made is written to the cache, even when the request skipped lookups.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ from opentelemetry.trace import SpanContext, Tracer
 from cliplens.machine import named_pool, usable_cpus
 from cliplens.pipeline.batcher import Batcher
 from cliplens.pipeline.budget import MemoryBudget, return_free_memory
+from cliplens.pipeline.cache import EmbeddingCache, content_key, model_fingerprint
 from cliplens.pipeline.decode import DecodedImage, decode_cost, decode_image, decode_on_device
 from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
-from cliplens.pipeline.references import Reference, ReferenceParser
-from cliplens.pipeline.sources import GcsSource, ImageSources, LocalDirectorySource
+from cliplens.pipeline.references import GcsReference, LocalReference, Reference, ReferenceParser
+from cliplens.pipeline.sources import Content, GcsSource, ImageSources, LocalDirectorySource
 from cliplens.settings import Settings
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline, ServerTiming, StageTiming, exemplar_for
@@ -55,6 +61,14 @@ from cliplens.vocabulary import (
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+INLINE_HASH_ON_LOOP_BYTES = 256 * 1024
+"""Inline images up to this size are hashed for the cache on the event loop (tens of microseconds);
+larger ones in a worker thread (SHA-256 releases the GIL)."""
+IDLE_BEFORE_TRIM_S = 1.0
+"""How long nothing may be in flight before the free heap is handed back (`return_free_memory`):
+malloc_trim holds the allocator's locks for up to a few hundred milliseconds, so every thread that
+allocates meanwhile, the event loop's included, waits it out. Trimming the moment the service goes
+idle did that between every two bursts of quick requests (cache hits): probes took 190 ms."""
 DRAIN_MARGIN_S = 1.0
 """On SIGTERM, in-flight work is cut this long before the grace period ends, so that every request
 still gets its answer (unfinished items: `timeout`) before the server stops waiting for it."""
@@ -71,6 +85,8 @@ class ItemResult:
     vector: np.ndarray | None = None
     error: ItemError | None = None
     tokens: int = 0
+    cached: bool = False
+    """The vector came from the embedding cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +97,10 @@ class Embeddings:
     timing: ServerTiming
     per_image: dict[int, dict[str, tuple[float, float]]]
     """{index: {stage: (queue_ms, work_ms)}}: the same stamps as the spans and histograms."""
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(result.cached for result in self.results)
 
 
 class EmbeddingService:
@@ -93,8 +113,10 @@ class EmbeddingService:
         tracer: Tracer,
         metrics: Metrics,
         http_session: aiohttp.ClientSession | None = None,
+        cache: EmbeddingCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
         self.model = model
         self.tracer = tracer
         self.metrics = metrics
@@ -112,7 +134,9 @@ class EmbeddingService:
         """File reads and base64 decoding (`asyncio.to_thread`): asyncio's default size, named."""
         self._body_bytes = 0
         """Bytes of the request bodies being served, part of `budget.used`."""
-        self._trimmed_at = 0.0
+        self._idle_since: float | None = None
+        """When the last item finished, while none is in flight (None while busy)."""
+        self._trim: asyncio.TimerHandle | None = None
         self.download_slots = asyncio.Semaphore(settings.max_downloads)
         self.preprocessor = Preprocessor(model.preprocess, model.device)
         self.parser = ReferenceParser(
@@ -154,14 +178,26 @@ class EmbeddingService:
         metrics.model_info.labels(
             model.id, str(model.device), model.dtype_name, str(model.random_weights).lower()
         ).set(1)
-        return cls(settings, model, tracer, metrics, session)
+        cache = None
+        if settings.cache_bytes or settings.cache_url:
+            fingerprint = await asyncio.to_thread(model_fingerprint, model, settings)
+            cache = EmbeddingCache(settings, fingerprint, metrics)
+            log.info(
+                "embedding cache on",
+                extra={"tiers": cache.tiers, "bytes": settings.cache_bytes, "shared": cache.shared_url},
+            )
+        return cls(settings, model, tracer, metrics, session, cache)
 
     async def close(self) -> None:
+        if self._trim is not None:
+            self._trim.cancel()
         await self.batcher.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.text_executor.shutdown(wait=True, cancel_futures=True)
         if self._http_session is not None:
             await self._http_session.close()
+        if self.cache is not None:
+            await self.cache.close()
 
     def check_capacity(self, body_bytes: int = 0) -> None:
         """Before a body is read: raise Overloaded when no item at all can be admitted now, or when
@@ -201,6 +237,7 @@ class EmbeddingService:
             )
         self.check_capacity(body_bytes)
         self.images_in_flight += count
+        self._idle_since = None
         self._body_bytes += body_bytes
         self.budget.take(body_bytes)
         self.metrics.track_in_flight(1, count)
@@ -213,10 +250,22 @@ class EmbeddingService:
         self.images_in_flight -= count
         self._body_bytes -= body_bytes
         self.budget.give(body_bytes)
-        if self.images_in_flight == 0 and time.monotonic() - self._trimmed_at > 1.0:
-            self._trimmed_at = time.monotonic()  # idle again: at most once a second
-            self._loop.run_in_executor(None, return_free_memory)
+        if self.images_in_flight == 0:
+            self._idle_since = time.monotonic()
+            if self._trim is None:
+                self._trim = self._loop.call_later(IDLE_BEFORE_TRIM_S, self._trim_when_idle)
         self.metrics.track_in_flight(-1, -count)
+
+    def _trim_when_idle(self) -> None:
+        """Hand the free heap back once the service has been idle for `IDLE_BEFORE_TRIM_S`."""
+        self._trim = None
+        if self._idle_since is None:
+            return  # busy again: the next time it goes idle schedules a new trim
+        idle_s = time.monotonic() - self._idle_since
+        if idle_s < IDLE_BEFORE_TRIM_S:
+            self._trim = self._loop.call_later(IDLE_BEFORE_TRIM_S - idle_s, self._trim_when_idle)
+            return
+        self._loop.run_in_executor(None, return_free_memory)
 
     def drain(self, grace_s: float) -> None:
         """SIGTERM: cut the work in flight `DRAIN_MARGIN_S` before the grace period ends, so each
@@ -246,23 +295,27 @@ class EmbeddingService:
         )
 
     async def embed_images(
-        self, items: Sequence[Item], request: SpanContext, body_bytes: int = 0
+        self, items: Sequence[Item], request: SpanContext, body_bytes: int = 0, read_cache: bool = True
     ) -> Embeddings:
         """Embed every item concurrently, within the deadline; the results keep the input order.
 
         Raises Overloaded when the admission bound would be passed (RequestError when the request
         alone is larger than the bound); `body_bytes` is held in the memory budget until the end.
+        With `read_cache` false no item is looked up in the cache (each vector is still written).
         """
         self._admit(len(items), body_bytes)
+        if self.cache is not None and not read_cache:
+            self.cache.bypass(len(items))
         timeline = RequestTimeline(self.metrics, Modality.IMAGE, request)
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
             self.batcher.expect(len(items))
-            tasks = [
-                self._track(asyncio.ensure_future(self._embed_one(index, item, timeline, request, deadline)))
+            work = (
+                self._embed_one(index, item, timeline, request, deadline, read_cache)
                 for index, item in enumerate(items)
-            ]
+            )
+            tasks = [self._track(asyncio.ensure_future(coroutine)) for coroutine in work]
             try:
                 await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
             finally:
@@ -291,7 +344,12 @@ class EmbeddingService:
         raise task.exception()  # type: ignore[misc]
 
     async def embed_texts(
-        self, texts: Sequence[str], request: SpanContext, truncate: bool = False, body_bytes: int = 0
+        self,
+        texts: Sequence[str],
+        request: SpanContext,
+        truncate: bool = False,
+        body_bytes: int = 0,
+        read_cache: bool = True,
     ) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the text lane, then the model thread.
 
@@ -300,6 +358,8 @@ class EmbeddingService:
         error `text_too_long`, or is cut to the cap when `truncate` is set.
         """
         self._admit(len(texts), body_bytes)
+        if self.cache is not None and not read_cache:
+            self.cache.bypass(len(texts))
         timeline = RequestTimeline(self.metrics, Modality.TEXT, request)
         deadline = time.monotonic() + self.settings.request_timeout_s
         limit = self.settings.max_text_chars
@@ -316,7 +376,9 @@ class EmbeddingService:
             results[index] = ItemResult(index, text, error=ItemError(ErrorCode.TEXT_TOO_LONG, message))
         try:
             if accepted:
-                work = self._track(asyncio.ensure_future(self._embed_accepted(accepted, timeline, request)))
+                work = self._track(
+                    asyncio.ensure_future(self._embed_accepted(accepted, timeline, request, read_cache))
+                )
                 await asyncio.wait([work], timeout=max(0.0, deadline - time.monotonic()))
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
@@ -331,17 +393,36 @@ class EmbeddingService:
         return Embeddings([results[i] for i in range(len(texts))], timing, timeline.per_image())
 
     async def _embed_accepted(
-        self, texts: Sequence[tuple[int, str]], timeline: RequestTimeline, request: SpanContext
+        self,
+        texts: Sequence[tuple[int, str]],
+        timeline: RequestTimeline,
+        request: SpanContext,
+        read_cache: bool,
     ) -> list[ItemResult]:
         tokenize = timeline.enter(0, Stage.PREPROCESS, f"{len(texts)} texts")
         tokens = await self._on_cpu(
             tokenize, self.model.tokenize, [text for _, text in texts], executor=self.text_executor
         )
-        timings = [timeline.enter(index, Stage.EMBED, text) for index, text in texts]
-        vectors = await self.batcher.embed_texts(tokens, timings, request)
         counts = (tokens != 0).sum(dim=1).tolist()
+        keys: list[str] = []
+        found: dict[int, np.ndarray] = {}
+        if self.cache is not None:  # texts are keyed by their token ids, looked up in one batch
+            with timeline.enter(0, Stage.CACHE, f"{len(texts)} texts").working() as lookup:
+                keys = [self.cache.key(content_key("text", row.tobytes())) for row in tokens.numpy()]
+                if read_cache:
+                    answers = await self.cache.get_many(keys)
+                    found = {row: vector for row, (vector, _) in enumerate(answers) if vector is not None}
+                    lookup.attributes.update(hits=len(found), misses=len(keys) - len(found))
+        todo = [row for row in range(len(texts)) if row not in found]
+        if todo:
+            timings = [timeline.enter(texts[row][0], Stage.EMBED, texts[row][1]) for row in todo]
+            vectors = await self.batcher.embed_texts(tokens[todo], timings, request)
+            if self.cache is not None:
+                self.cache.put_many([(keys[row], vector) for row, vector in zip(todo, vectors, strict=True)])
+            found.update(zip(todo, vectors, strict=True))
+        made = set(todo)
         return [
-            ItemResult(index, text, vectors[row], tokens=int(counts[row]))
+            ItemResult(index, text, found[row], tokens=int(counts[row]), cached=row not in made)
             for row, (index, text) in enumerate(texts)
         ]
 
@@ -381,33 +462,88 @@ class EmbeddingService:
         with timeline.enter(decode.index, Stage.PREPROCESS, decode.reference).working():
             return self.preprocessor(decoded.pixels)
 
-    async def _load(self, timing: StageTiming, item: Item, deadline: float) -> bytes:
-        reference = self.parser.parse(item) if isinstance(item, str) else item
+    async def _load(self, timing: StageTiming, reference: Reference, deadline: float) -> Content:
         if not self.sources.needs_slot(reference):
             with timing.working():
-                data = await self.sources.read(reference)
+                content = await self.sources.load(reference)
         else:
             async with self.download_slots:
                 # no new bytes come in while the budget is full; as this waits holding its slot,
                 # at most `max_downloads` reads are ever under way past a full budget
                 await self.budget.room()
                 with timing.working():
-                    data = await self.sources.read(reference, deadline)
-        timing.attributes["bytes"] = len(data)
-        return data
+                    content = await self.sources.load(reference, deadline)
+        timing.attributes["bytes"] = len(content.data)
+        return content
+
+    async def _look_up(
+        self, timing: StageTiming, reference: Reference, content: Content | None, deadline: float, read: bool
+    ) -> tuple[str | None, np.ndarray | None]:
+        """In the `cache` stage: the item's cache key (from what storage says the reference names
+        now, or from the bytes; None when storage cannot say) and, when `read`, its cached vector."""
+        assert self.cache is not None
+        with timing.working():
+            if content is None:
+                assert isinstance(reference, (GcsReference, LocalReference))
+                identity = await self.sources.identify(reference, deadline)
+                if identity is None:
+                    return None, None
+                digest = content_key(*identity)
+            elif len(content.data) <= INLINE_HASH_ON_LOOP_BYTES:
+                digest = content_key("bytes", content.data)
+            else:
+                digest = await asyncio.to_thread(content_key, "bytes", content.data)
+            key = self.cache.key(digest)
+            if not read:
+                return key, None
+            vector, tier = (await self.cache.get_many([key]))[0]
+            timing.attributes.update(hits=int(tier is not None), misses=int(tier is None))
+            if tier is not None:
+                timing.attributes["tier"] = tier
+            return key, vector
 
     async def _embed_one(
-        self, index: int, item: Item, timeline: RequestTimeline, request: SpanContext, deadline: float
+        self,
+        index: int,
+        item: Item,
+        timeline: RequestTimeline,
+        request: SpanContext,
+        deadline: float,
+        read_cache: bool = True,
     ) -> ItemResult:
         """One item through every stage. Until it reaches the model it is `expect`ed by the batcher,
-        so every way out before that (error, deadline) withdraws it."""
+        so every way out before that (cache hit, error, deadline) withdraws it."""
         label = item if isinstance(item, str) else str(item)
-        timing = timeline.enter(index, Stage.LOAD, label)
+        try:
+            reference = self.parser.parse(item) if isinstance(item, str) else item
+        except ItemError as exc:
+            self._abandon(timeline.enter(index, Stage.LOAD, label), exc, queued_for_model=False)
+            return ItemResult(index, label, error=exc)
+        cache = self.cache
+        look_up_first = cache is not None and read_cache and self.sources.identifies(reference)
+        timing = timeline.enter(index, Stage.CACHE if look_up_first else Stage.LOAD, label)
         queued_for_model = False
+        key: str | None = None
         held = pixels_held = 0  # this item's bytes in the memory budget
         try:
-            data = await self._load(timing, item, deadline)
+            if look_up_first:
+                key, vector = await self._look_up(timing, reference, None, deadline, read=True)
+                if vector is not None:
+                    self.batcher.withdraw()
+                    return ItemResult(index, label, vector, cached=True)
+                timing = timeline.enter(index, Stage.LOAD, label)
+            content = await self._load(timing, reference, deadline)
+            data = content.data
             self.budget.take(held := len(data))
+            if cache is not None and content.identity is not None:
+                key = cache.key(content_key(*content.identity))  # the bytes read, whatever was looked up
+            elif cache is not None:
+                timing = timeline.enter(index, Stage.CACHE, label)
+                key, vector = await self._look_up(timing, reference, content, deadline, read_cache)
+                if vector is not None:
+                    self.batcher.withdraw()
+                    return ItemResult(index, label, vector, cached=True)
+            del content
             timing = timeline.enter(index, Stage.DECODE, label)
             cost = decode_cost(data, self.model.preprocess.min_side, self.settings.max_image_pixels)
             await self.budget.reserve_decode(cost)  # waiting here is decode queue time
@@ -423,6 +559,8 @@ class EmbeddingService:
             timing = timeline.enter(index, Stage.EMBED, label)
             queued_for_model = True
             vector = await self.batcher.embed(image, timing, request)
+            if cache is not None and key is not None:
+                cache.put_many([(key, vector)])
             return ItemResult(index, label, vector)
         except ItemError as exc:
             self._abandon(timing, exc, queued_for_model)

@@ -5,18 +5,25 @@ the app, never one per request), a local directory (the embedded default: the se
 cloud at all), and bytes that came inline with the request (a large data: URI is decoded here, in a
 worker thread, so that tens of megabytes of base64 never hold the event loop). Every failure becomes
 an ItemError with the vocabulary's code; nothing here knows about HTTP responses of the API.
+
+A source also says *which* bytes it read (`Content.identity`) and can tell which bytes a reference
+names now without reading them (`identify`): a GCS object's generation, a file's inode, size and
+mtime. The embedding cache keys on that (pipeline/cache.py); inline bytes have no identity but
+themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from gcloud.aio.storage import Storage
@@ -43,6 +50,20 @@ from cliplens.pipeline.references import (
 from cliplens.vocabulary import ErrorCode, ItemError
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+
+Identity = tuple[str | int, ...]
+"""Which exact bytes a reference named when it was read: ("gcs", bucket, name, generation) or
+("local", path, device, inode, size, mtime_ns)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """The bytes of one image and, where storage can tell, their identity (None for inline bytes)."""
+
+    data: bytes
+    identity: Identity | None = None
+
 
 _CHUNK = 256 * 1024
 PUBLIC_API_ROOT = "https://www.googleapis.com"
@@ -75,8 +96,24 @@ class LocalDirectorySource:
             raise ItemError(ErrorCode.FORBIDDEN, "the name resolves outside the image directory")
         return path
 
+    def identify(self, name: str) -> Identity:
+        """The identity of the file `name` is now, without reading it (blocking: off the event loop)."""
+        path = self.resolve(name)
+        try:
+            status = os.stat(path)
+        except PermissionError:
+            raise ItemError(ErrorCode.FORBIDDEN, f"{name!r} is not readable") from None
+        except OSError:
+            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} does not exist") from None
+        if not stat.S_ISREG(status.st_mode):
+            raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} is not a regular file")
+        return _file_identity(path, status)
+
     def read(self, name: str) -> bytes:
-        """Read the file (blocking: call it off the event loop).
+        return self.load(name).data
+
+    def load(self, name: str) -> Content:
+        """Read the file and the identity of what was read (blocking: call it off the event loop).
 
         Only a regular file is read: opened without blocking (a FIFO would otherwise hang the
         thread for good) and without following a symlink swapped in after `resolve`.
@@ -102,7 +139,12 @@ class LocalDirectorySource:
             os.close(fd)
         if len(data) > self.max_bytes:
             raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
-        return data
+        return Content(data, _file_identity(path, status))
+
+
+def _file_identity(path: Path, status: os.stat_result) -> Identity:
+    """A rewrite in place changes the size or mtime; a replacement (rename over) the inode."""
+    return ("local", str(path), status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 class _Transient(ItemError):
@@ -187,7 +229,26 @@ class GcsSource:
         self.on_retry = on_retry
 
     async def read(self, reference: GcsReference, deadline: float | None = None) -> bytes:
-        """The object's bytes; `deadline` (time.monotonic) bounds every attempt and every backoff.
+        return (await self.load(reference, deadline)).data
+
+    async def load(self, reference: GcsReference, deadline: float | None = None) -> Content:
+        """The object's bytes and generation; `deadline` (time.monotonic) bounds every attempt and
+        every backoff."""
+        return await self._retrying(reference, deadline, self._read_once)
+
+    async def identify(self, reference: GcsReference, deadline: float | None = None) -> Identity | None:
+        """The object's current generation, from its metadata (a few hundred bytes, not the object):
+        an overwrite makes a new one, a deleted object is `not_found`. None when the answer names
+        no generation (a storage stand-in that serves downloads only): the object is then loaded."""
+        return await self._retrying(reference, deadline, self._generation_once)
+
+    async def _retrying(
+        self,
+        reference: GcsReference,
+        deadline: float | None,
+        once: Callable[[GcsReference, float], Awaitable[_R]],
+    ) -> _R:
+        """`once(reference, timeout_s)`, retried as the class docstring says.
 
         The names are validated again here, whoever built the reference: gcloud-aio puts the bucket
         into the URL unescaped, so a bucket with `/`, `?` or `#` would read another object.
@@ -220,21 +281,37 @@ class GcsSource:
                     remaining = self.timeout_s if deadline is None else deadline - time.monotonic()
                     if remaining <= 0:
                         raise ItemError(ErrorCode.TIMEOUT, f"no time left to download {reference}")
-                    return await self._read_once(reference, min(self.timeout_s, remaining))
+                    return await once(reference, min(self.timeout_s, remaining))
         except _Transient as exc:
             code = ErrorCode.TIMEOUT if exc.reason == "timeout" else ErrorCode.STORAGE_UNAVAILABLE
             raise ItemError(code, exc.message) from None
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _read_once(self, reference: GcsReference, timeout_s: float) -> bytes:
-        try:
+    async def _generation_once(self, reference: GcsReference, timeout_s: float) -> Identity | None:
+        with _storage_errors(reference, timeout_s):
+            try:
+                metadata = await self.storage.download_metadata(
+                    reference.bucket,
+                    reference.name,
+                    timeout=timeout_s,  # type: ignore[arg-type]
+                    session=self.downloads,  # type: ignore[arg-type]
+                )
+            except ValueError:  # not JSON
+                return None
+        generation = str(metadata.get("generation", "")) if isinstance(metadata, dict) else ""
+        if not generation.isdigit():
+            return None
+        return ("gcs", reference.bucket, reference.name, int(generation))
+
+    async def _read_once(self, reference: GcsReference, timeout_s: float) -> Content:
+        with _storage_errors(reference, timeout_s):
             stream = await self.storage.download_stream(
                 reference.bucket,
                 reference.name,
                 timeout=timeout_s,  # type: ignore[arg-type]
                 session=self.downloads,  # type: ignore[arg-type]
             )
-            async with stream:
+            async with stream as response:
                 if stream.content_length > self.max_bytes:
                     raise ItemError(ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes")
                 chunks: list[bytes] = []
@@ -246,19 +323,29 @@ class GcsSource:
                             ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes (decoded)"
                         )
                     chunks.append(chunk)
-                return b"".join(chunks)
-        except aiohttp.ClientResponseError as exc:
-            raise _from_status(exc.status, reference, _retry_after(exc.headers)) from None
-        except TimeoutError:
-            raise _Transient(
-                ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _Transient(
-                ErrorCode.STORAGE_UNAVAILABLE,
-                f"storage did not answer for {reference}: {type(exc).__name__}",
-                "connection",
-            ) from None
+                generation = response.headers.get("x-goog-generation", "")
+        if not generation.isdigit():  # every GCS download carries it; without it, no identity
+            return Content(b"".join(chunks))
+        return Content(b"".join(chunks), ("gcs", reference.bucket, reference.name, int(generation)))
+
+
+@contextlib.contextmanager
+def _storage_errors(reference: GcsReference, timeout_s: float) -> Iterator[None]:
+    """Storage's answers and failures as the vocabulary's errors (`_Transient` where worth a retry)."""
+    try:
+        yield
+    except aiohttp.ClientResponseError as exc:
+        raise _from_status(exc.status, reference, _retry_after(exc.headers)) from None
+    except TimeoutError:
+        raise _Transient(
+            ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise _Transient(
+            ErrorCode.STORAGE_UNAVAILABLE,
+            f"storage did not answer for {reference}: {type(exc).__name__}",
+            "connection",
+        ) from None
 
 
 def _from_status(status: int, reference: GcsReference, retry_after_s: float | None) -> ItemError:
@@ -292,20 +379,42 @@ class ImageSources:
         """Whether reading the reference is I/O that must wait for a download slot."""
         return isinstance(reference, (GcsReference, LocalReference))
 
+    def identifies(self, reference: Reference) -> bool:
+        """Whether storage can tell which bytes the reference names without reading them."""
+        return isinstance(reference, (GcsReference, LocalReference))
+
+    async def identify(
+        self, reference: GcsReference | LocalReference, deadline: float | None = None
+    ) -> Identity | None:
+        """Which bytes the reference names now (GCS: a metadata request; local: a stat); None when
+        storage cannot say."""
+        if isinstance(reference, LocalReference):
+            return await asyncio.to_thread(self._local().identify, reference.name)
+        return await self._gcs().identify(reference, deadline)
+
     async def read(self, reference: Reference, deadline: float | None = None) -> bytes:
+        return (await self.load(reference, deadline)).data
+
+    async def load(self, reference: Reference, deadline: float | None = None) -> Content:
         if isinstance(reference, RefusedReference):
             raise ItemError(reference.code, reference.message)
         if isinstance(reference, DataUriReference):
             async with self.base64_lane:
-                return await asyncio.to_thread(reference.decode)  # tens of MB: never on the event loop
+                return Content(await asyncio.to_thread(reference.decode))  # tens of MB: off the event loop
         if isinstance(reference, InlineReference):
             if len(reference.data) > self.max_bytes:
                 raise ItemError(ErrorCode.TOO_LARGE, f"the image is larger than {self.max_bytes} bytes")
-            return reference.data
+            return Content(reference.data)
         if isinstance(reference, LocalReference):
-            if self.local is None:
-                raise ItemError(ErrorCode.INVALID_REFERENCE, "no local image directory is configured")
-            return await asyncio.to_thread(self.local.read, reference.name)
+            return await asyncio.to_thread(self._local().load, reference.name)
+        return await self._gcs().load(reference, deadline)
+
+    def _local(self) -> LocalDirectorySource:
+        if self.local is None:
+            raise ItemError(ErrorCode.INVALID_REFERENCE, "no local image directory is configured")
+        return self.local
+
+    def _gcs(self) -> GcsSource:
         if self.gcs is None:
             raise ItemError(ErrorCode.STORAGE_UNAVAILABLE, "GCS is not configured in this service")
-        return await self.gcs.read(reference, deadline)
+        return self.gcs

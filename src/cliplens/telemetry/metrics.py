@@ -44,6 +44,9 @@ OUTCOMES: tuple[str, ...] = ("ok", *ErrorCode)
 REJECTIONS: tuple[RequestErrorCode, ...] = (RequestErrorCode.OVERLOADED, RequestErrorCode.SHUTTING_DOWN)
 """The request errors counted by `cliplens_rejected_requests_total{reason}` (refused before any work)."""
 RETRY_REASONS: tuple[str, ...] = ("http_429", "http_5xx", "connection", "timeout")
+CACHE_TIERS: tuple[str, ...] = ("memory", "redis")
+CACHE_LOOKUP_RESULTS: tuple[str, ...] = ("hit", "miss", "error", "bypass")
+CACHE_WRITE_RESULTS: tuple[str, ...] = ("ok", "error", "bypass")
 
 
 def geometric_buckets(start: float, factor: float, stop: float) -> tuple[float, ...]:
@@ -183,6 +186,43 @@ class Metrics:
             ["model", "device", "dtype", "random_weights"],
             registry=reg,
         )
+        self.cache_requests_total = Counter(
+            "cliplens_cache_requests_total",
+            "Embedding cache lookups, one per item and tier tried: hit, miss, error (the tier failed or "
+            "timed out), bypass (the request sent cache=false, or the tier's circuit is open).",
+            ["tier", "result"],
+            registry=reg,
+        )
+        self.cache_writes_total = Counter(
+            "cliplens_cache_writes_total",
+            "Vectors written to the embedding cache, by tier and result: ok, error, bypass (circuit open).",
+            ["tier", "result"],
+            registry=reg,
+        )
+        self.cache_seconds = Histogram(
+            "cliplens_cache_seconds",
+            "Duration of one embedding cache lookup in one tier.",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.cache_bytes = Gauge(
+            "cliplens_cache_bytes", "Bytes held by the in-process embedding cache.", registry=reg
+        )
+        self.cache_entries = Gauge(
+            "cliplens_cache_entries", "Vectors held by the in-process embedding cache.", registry=reg
+        )
+        self.cache_capacity_bytes = Gauge(
+            "cliplens_cache_capacity_bytes",
+            "Bound of the in-process embedding cache (CLIPLENS_CACHE_BYTES; 0 = off).",
+            registry=reg,
+        )
+        self.cache_circuit_open = Gauge(
+            "cliplens_cache_circuit_open",
+            "1 while a cache tier's circuit breaker is open (the tier is bypassed), else 0.",
+            ["tier"],
+            registry=reg,
+        )
         self._initialise_series()
 
     def observe_image_stage(
@@ -224,6 +264,13 @@ class Metrics:
             self.download_retries_total.labels(reason)
         for outcome in OUTCOMES:
             self.images_total.labels(outcome)
+        for tier in CACHE_TIERS:
+            self.cache_seconds.labels(tier)
+            for result in CACHE_LOOKUP_RESULTS:
+                self.cache_requests_total.labels(tier, result)
+            for result in CACHE_WRITE_RESULTS:
+                self.cache_writes_total.labels(tier, result)
+        self.cache_circuit_open.labels("redis")
         for modality in Modality:
             self.request_seconds.labels(modality)
             self.embed_batch_size.labels(modality)

@@ -29,6 +29,12 @@ from cliplens.telemetry.metrics import Metrics
 from cliplens.vocabulary import ErrorCode, ItemError, Modality, Stage
 
 _MAX_REF_CHARS = 256
+_SUMMED_ATTRIBUTES = {
+    "bytes": "cliplens.bytes",
+    "hits": "cliplens.cache.hits",
+    "misses": "cliplens.cache.misses",
+}
+"""Per-item attributes whose sum the stage span carries: bytes loaded, cache hits and misses."""
 
 
 def exemplar_for(span_context: SpanContext | None) -> dict[str, str] | None:
@@ -212,9 +218,10 @@ class RequestTimeline:
         failures = [t for t in timings if t.error is not None]
         span.set_attribute("cliplens.images", len(timings))
         span.set_attribute("cliplens.failed", len(failures))
-        byte_count = sum(int(t.attributes.get("bytes", 0)) for t in timings)
-        if byte_count:
-            span.set_attribute("cliplens.bytes", byte_count)
+        for attribute, total in _SUMMED_ATTRIBUTES.items():  # the items' counts, summed on the span
+            counts = [int(t.attributes[attribute]) for t in timings if attribute in t.attributes]
+            if counts:
+                span.set_attribute(total, sum(counts))
         for timing in timings:
             attributes: dict[str, str | int | float] = {
                 "cliplens.image.index": timing.index,
