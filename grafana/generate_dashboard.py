@@ -1,7 +1,8 @@
 """Writes grafana/dashboards/cliplens-stage-latency.json, the "cliplens — stage latency" dashboard.
 
 The dashboard repeats one pattern (min, mean, p50, p95, p99, max) over three scopes (per request,
-per image work, per image wait), so it is generated here rather than edited by hand; the JSON is
+per image work, per image wait), and one panel per stage of `Stage`, so it is generated here rather
+than edited by hand (a new stage appears by regenerating it); the JSON is
 committed next to this file and tests/config/test_observability_files.py fails when the two differ.
 Standard library only:
 
@@ -101,6 +102,22 @@ REQUEST_STAGE = Scope("cliplens_request_stage", "stage", "$stage")
 IMAGE_WORK = Scope("cliplens_image_stage", "stage", "$work_stage")
 IMAGE_WAIT = Scope("cliplens_stage_queue", "stage", "$stage")
 WHOLE_REQUEST = Scope("cliplens_request", "modality")
+CACHE_LOOKUP = Scope("cliplens_cache", "tier")
+"""cliplens_cache_seconds{tier}: only the histogram half of a scope (the cache has no min/max gauges)."""
+CACHE_LOOKUPS = "cliplens_cache_requests_total"
+CACHE_WRITES = "cliplens_cache_writes_total"
+MEMORY = 'tier="memory",'
+REDIS = 'tier="redis",'
+HIT = 'result="hit",'
+ASKED = 'result!="bypass",'
+FAILED_OR_SKIPPED = 'result=~"error|bypass",'
+WITH_A_CACHE = (
+    "With a cache on, a hit crosses only the `cache` stage (inline data crosses `load` first, to be "
+    "hashed): the load, decode, preprocess and embed panels observe the misses only, so their counts "
+    "fall and their times describe the misses as the hit ratio rises, while cliplens_images_total "
+    "(Throughput, failed images) and the whole request count the hits too."
+)
+"""How to read the stage panels when the embedding cache serves some images."""
 
 
 def target(ref: str, expr: str, legend: str = "", exemplar: bool = False) -> Json:
@@ -257,7 +274,8 @@ def load_row() -> list[Json]:
         ),
         timeseries(
             "Throughput",
-            "Images finished per second (any outcome), requests per second by modality, texts per second.",
+            "Images finished per second (any outcome, cache hits included), requests per second by "
+            "modality, texts per second.",
             [
                 target("A", f"sum({rate('cliplens_images_total')})", "images/s"),
                 target(
@@ -453,6 +471,126 @@ def replica_rows() -> list[Json]:
     ]
 
 
+def served_from_cache() -> str:
+    """Lookups answered by any tier over the lookups made, each item counted once.
+
+    An item asks the memory tier first and the redis tier only on a memory miss, so the hits of the
+    two tiers add up without double counting, and the lookups made are the first tier's: memory's
+    (hit, miss, error), or redis's on the replicas whose memory tier is off (capacity 0), which
+    count no memory lookups at all. Bypassed lookups (`"cache": false`) asked no tier.
+    """
+    memory_off = f"cliplens_cache_capacity_bytes{{{INSTANCE}}} == 0"
+    first_tier = (
+        f"sum({rate(CACHE_LOOKUPS, MEMORY + ASKED)})"
+        f" + (sum({rate(CACHE_LOOKUPS, REDIS + ASKED)} and on (instance) {memory_off}) or vector(0))"
+    )
+    return f"sum({rate(CACHE_LOOKUPS, HIT)}) / ({first_tier})"
+
+
+def cache_rows() -> list[Json]:
+    hit_or_miss = 'result=~"hit|miss",'
+    circuit = f"cliplens_cache_circuit_open{{{REDIS}{INSTANCE}}}"
+    return [
+        row("Cache: hit ratio, lookup latency, errors and bypasses, memory tier"),
+        timeseries(
+            "Cache hit ratio, by tier and served from cache",
+            "Per tier: hits / (hits + misses) of its lookups (redis is asked only on a memory miss, so "
+            "its ratio is of what memory missed). Served from cache: the share of the images that "
+            "asked the cache and got their vector from either tier: memory hits + redis hits over the "
+            "lookups of each replica's first tier (memory, or redis where CLIPLENS_CACHE_BYTES=0); "
+            'images sent with `"cache": false` asked no tier. ' + WITH_A_CACHE,
+            [
+                target(
+                    "A",
+                    f"sum by (tier) ({rate(CACHE_LOOKUPS, HIT)})"
+                    f" / sum by (tier) ({rate(CACHE_LOOKUPS, hit_or_miss)})",
+                    "{{tier}} hits / (hits + misses)",
+                ),
+                target("B", served_from_cache(), "served from cache"),
+            ],
+            unit="percentunit",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Cache lookup latency, by tier",
+            "One lookup in one tier (cliplens_cache_seconds; one lookup may ask for several images): "
+            "mean and p99 from the histogram. A redis lookup longer than CLIPLENS_CACHE_TIMEOUT_MS "
+            "counts as an error. The whole `cache` stage (the content's identity, then the lookups) is "
+            "in the stage panels.",
+            [
+                target("A", CACHE_LOOKUP.mean(), "{{tier}} mean"),
+                target("B", CACHE_LOOKUP.quantile(0.99), "{{tier}} p99"),
+            ],
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Cache errors and bypasses per second, by tier",
+            "error: the tier failed or timed out, and the item went on as a miss (a failed write only "
+            'loses the entry). bypass: the request sent `"cache": false` (every tier on), or the redis '
+            "tier's circuit breaker is open, or too many writes were under way. Either way the images "
+            "are still served, only slower.",
+            [
+                target(
+                    "A",
+                    f"sum by (tier, result) ({rate(CACHE_LOOKUPS, FAILED_OR_SKIPPED)})",
+                    "{{tier}} lookup {{result}}",
+                ),
+                target(
+                    "B",
+                    f"sum by (tier, result) ({rate(CACHE_WRITES, FAILED_OR_SKIPPED)})",
+                    "{{tier}} write {{result}}",
+                ),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Shared cache circuit breaker (1 = open, bypassed)",
+            'cliplens_cache_circuit_open{tier="redis"}: after repeated failures a replica stops asking '
+            "the shared tier for a cooldown, then lets one trial through. Replicas with the circuit "
+            "open, and each replica.",
+            [
+                target("A", f"sum({circuit})", "replicas with the circuit open"),
+                target("B", circuit, "{{instance}}"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Memory tier: bytes held vs capacity",
+            "The in-process tier of each replica holds encoded vectors up to its bound "
+            "(CLIPLENS_CACHE_BYTES, 0 = the memory tier is off) and evicts the least recently used "
+            "beyond it. Sums over the selected replicas, and each replica.",
+            [
+                target("A", f"sum(cliplens_cache_bytes{{{INSTANCE}}})", "held, selected replicas"),
+                target(
+                    "B", f"sum(cliplens_cache_capacity_bytes{{{INSTANCE}}})", "capacity, selected replicas"
+                ),
+                target("C", f"cliplens_cache_bytes{{{INSTANCE}}}", "{{instance}}"),
+            ],
+            unit="bytes",
+            width=8,
+            overrides=[],
+        ),
+        timeseries(
+            "Memory tier: entries",
+            "Vectors held by the in-process tier (cliplens_cache_entries): each replica has its own, so "
+            "a hit on one is a miss on the next until the shared tier answers.",
+            [
+                target("A", f"sum(cliplens_cache_entries{{{INSTANCE}}})", "entries, selected replicas"),
+                target("B", f"cliplens_cache_entries{{{INSTANCE}}}", "{{instance}}"),
+            ],
+            unit="short",
+            width=8,
+            overrides=[],
+        ),
+    ]
+
+
 def request_rows() -> list[Json]:
     return [
         row(
@@ -465,7 +603,8 @@ def request_rows() -> list[Json]:
             "For each stage, the wall time a request had images in it (cliplens_request_stage_seconds, "
             "the Server-Timing numbers). min and max are exact (windowed gauges, min_over_time / "
             "max_over_time over the range); mean is increase(_sum) / increase(_count); p50-p99 come "
-            "from the histogram buckets (to a bucket's width, x1.5). Stages overlap because images stream.",
+            "from the histogram buckets (to a bucket's width, x1.5). Stages overlap because images stream. "
+            + WITH_A_CACHE,
         ),
         stats_over_time(
             REQUEST_STAGE,
@@ -514,7 +653,7 @@ def image_rows() -> list[Json]:
             "Per image work, over the selected range",
             "cliplens_image_stage_seconds: from the moment a worker picked the image up to the moment it "
             "finished, without the wait before. `embed` has no per-image work: images are embedded in "
-            "shared batches (see Model batches).",
+            "shared batches (see Model batches). " + WITH_A_CACHE,
         ),
         stats_over_time(
             IMAGE_WORK,
@@ -528,7 +667,7 @@ def image_rows() -> list[Json]:
             IMAGE_WAIT,
             "Per image queue wait, over the selected range",
             "cliplens_stage_queue_seconds: time an image waited for a download slot (load), a CPU "
-            "worker (decode, preprocess) or a model batch (embed).",
+            "worker (decode, preprocess) or a model batch (embed). " + WITH_A_CACHE,
         ),
         stats_over_time(
             IMAGE_WAIT,
@@ -773,13 +912,22 @@ def layout(panels: list[Json]) -> list[Json]:
 
 def dashboard() -> Json:
     panels = layout(
-        [*load_row(), *replica_rows(), *request_rows(), *image_rows(), *batch_rows(), *recorded_rows()]
+        [
+            *load_row(),
+            *cache_rows(),
+            *replica_rows(),
+            *request_rows(),
+            *image_rows(),
+            *batch_rows(),
+            *recorded_rows(),
+        ]
     )
     return {
         "uid": "cliplens-stage-latency",
         "title": "cliplens — stage latency",
-        "description": "Per stage (load, decode, preprocess, embed): exact min and max, mean, p50, p95 and "
-        "p99, per request and per image, as concurrency grows; exemplars link to Jaeger traces.",
+        "description": f"Per stage ({', '.join(STAGES)}): exact min and max, mean, p50, p95 and p99, per "
+        "request and per image, as concurrency grows; exemplars link to Jaeger traces; the embedding "
+        "cache's hit ratio, lookup latency and errors.",
         "tags": ["cliplens", "latency"],
         "timezone": "browser",
         "editable": False,

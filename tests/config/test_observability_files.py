@@ -398,6 +398,75 @@ def test_the_stage_latency_dashboard_has_what_the_issue_asks_for() -> None:
     assert latency and all(p["fieldConfig"]["defaults"]["unit"] == "s" for p in latency)
 
 
+CACHE_TIERS = {"memory", "redis"}
+CACHE_SERIES: dict[str, dict[str, set[str]]] = {
+    "cliplens_cache_requests_total": {"tier": CACHE_TIERS, "result": {"hit", "miss", "error", "bypass"}},
+    "cliplens_cache_writes_total": {"tier": CACHE_TIERS, "result": {"ok", "error", "bypass"}},
+    **{f"cliplens_cache_seconds_{part}": {"tier": CACHE_TIERS} for part in ("bucket", "sum", "count")},
+    "cliplens_cache_bytes": {},
+    "cliplens_cache_entries": {},
+    "cliplens_cache_capacity_bytes": {},
+    "cliplens_cache_circuit_open": {"tier": {"redis"}},
+}
+"""The embedding cache's series (issue 16) and the values each of their labels takes."""
+SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{([^}]*)\}")
+MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*,?')
+
+
+def row_panels(dashboard: dict[str, Any], title_start: str) -> list[dict[str, Any]]:
+    """The panels under the (uncollapsed) row whose title starts with `title_start`."""
+    found: list[dict[str, Any]] | None = None
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            if found is not None:
+                break
+            if panel["title"].startswith(title_start):
+                found = list(panel.get("panels", []))
+        elif found is not None:
+            found.append(panel)
+    assert found, f"no row {title_start!r}"
+    return found
+
+
+def test_the_cache_row_reads_only_the_cache_series_and_each_label_value_they_have() -> None:
+    dashboard = json.loads((GRAFANA / "dashboards" / "cliplens-stage-latency.json").read_text())
+    cache = row_panels(dashboard, "Cache")
+    assert len(cache) >= 6 and all(panel.get("description") for panel in cache)
+    used: set[str] = set()
+    for panel in cache:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            selectors = SELECTOR.findall(expr)
+            assert selectors, expr
+            names = set(re.findall(r"[a-z_:]*cliplens[_:][a-z0-9_:]*", expr))
+            assert names == {name for name, _ in selectors}, f"a series without a selector: {expr}"
+            for name, matchers in selectors:
+                assert name in CACHE_SERIES, f"{panel['title']}: {name} is not a cache series"
+                parsed = MATCHER.findall(matchers)
+                assert not MATCHER.sub("", matchers).strip(), f"unparsed matchers in {expr}"
+                labels = {label: (op, value) for label, op, value in parsed}
+                assert labels.pop("instance", None) == ("=~", "$instance"), expr
+                for label, (op, value) in labels.items():
+                    allowed = CACHE_SERIES[name].get(label)
+                    assert allowed is not None, f"{name} has no label {label}: {expr}"
+                    values = value.split("|") if op in ("=~", "!~") else [value]
+                    assert set(values) <= allowed, f"{name}{{{label}}} never is {value}: {expr}"
+                used.add(name)
+            grouped = {g.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for g in group.split(",")}
+            assert grouped <= {"tier", "result", "le"}, expr
+            joined = {g.strip() for group in re.findall(r"\bon \(([^)]*)\)", expr) for g in group.split(",")}
+            assert joined <= {"instance"}, expr
+    assert used == set(CACHE_SERIES), f"series the row does not draw: {set(CACHE_SERIES) - used}"
+    ratios = [p for p in cache if p["fieldConfig"]["defaults"]["unit"] == "percentunit"]
+    assert ratios and all('result="hit"' in t["expr"] for p in ratios for t in p["targets"])
+    advice = " ".join(panel["description"] for panel in cache)
+    assert "`cache` stage" in advice and "cliplens_images_total" in advice, "how to read the stage panels"
+    stage_tables = [
+        p for p in panels(dashboard) if p["type"] == "table" and "stage" in json.dumps(p["targets"])
+    ]
+    assert len(stage_tables) == 3 and all("`cache` stage" in p["description"] for p in stage_tables)
+
+
 def test_the_committed_dashboard_is_what_the_generator_writes() -> None:
     spec = importlib.util.spec_from_file_location("generate_dashboard", GRAFANA / "generate_dashboard.py")
     assert spec and spec.loader
