@@ -6,20 +6,28 @@ keywords) and is held to the compose file: it balances over the `api` service's 
 through Docker's DNS, checks /readyz, and outlasts the service's own request deadline; Prometheus
 finds each replica by the same name. tests/integration/test_replicas.py runs this same proxy
 configuration in front of three real replicas.
+
+The replicas also share one embedding cache, the `cache` service (Valkey): the file as a Compose CLI
+reads it (`docker compose config`, or the standalone `docker-compose`) must run it as a memory-only
+LRU cache, point every replica at it, and never make a replica wait for it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from cliplens.settings import Settings
+from cliplens.settings import Settings, load_settings
 from tests.harness.replicas import COMPOSE_HAPROXY, Haproxy, haproxy_config
+from tests.harness.tools import debian, required
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +35,26 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict[str, Any]]:
     return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"])
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict[str, dict[str, Any]]:
+    """The services as Compose itself reads docker-compose.yml: parsed, interpolated, normalised."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        command = [docker, "compose"]
+    else:
+        command = [required("docker-compose", debian("docker-compose"))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "GOOGLE_", "PHOTO_"))}
+    result = subprocess.run(
+        [*command, "-f", str(ROOT / "docker-compose.yml"), "config"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(yaml.safe_load(result.stdout)["services"])
 
 
 def directives(text: str, section: str) -> list[str]:
@@ -94,3 +122,62 @@ def test_prometheus_finds_each_replica_by_the_service_name(services: dict[str, d
     assert discovery["names"] == ["api"] and discovery["type"] == "A"
     assert str(discovery["port"]) == services["api"]["expose"][0]
     assert "static_configs" not in job
+
+
+# ---- the shared embedding cache ---------------------------------------------------------------
+
+
+def flags(command: list[str]) -> dict[str, str]:
+    """`valkey-server --name value ...` as {"--name": "value"}: every option of the cache takes one."""
+    assert command[0] == "valkey-server" and len(command) % 2 == 1, command
+    return dict(zip(command[1::2], command[2::2], strict=True))
+
+
+def waits_on(services: dict[str, dict[str, Any]], name: str) -> dict[str, str]:
+    """Every service `name` waits for before it starts, directly or through another, with the
+    condition it waits for."""
+    found: dict[str, str] = {}
+    pending = [name]
+    while pending:
+        for dependency, condition in (services[pending.pop()].get("depends_on") or {}).items():
+            if dependency not in found:
+                found[dependency] = condition.get("condition", "service_started")
+                pending.append(dependency)
+    return found
+
+
+def test_the_cache_is_valkey_holding_entries_in_memory_only_and_evicting_the_least_recently_used(
+    resolved: dict[str, dict[str, Any]],
+) -> None:
+    cache = resolved["cache"]
+    repository, _, tag = cache["image"].rpartition(":")
+    assert repository == "valkey/valkey" and re.fullmatch(r"8\.\d+\.\d+(-alpine)?", tag), "pin one 8.x"
+    options = flags(cache["command"])
+    assert options["--maxmemory-policy"] == "allkeys-lru", "every key is a cache entry: evict any of them"
+    assert re.fullmatch(r"\d+mb", options["--maxmemory"]), "a bound, or it grows until the host says no"
+    assert options["--save"] == "", "no RDB snapshots"
+    assert options["--appendonly"] == "no", "no append-only file"
+    assert "volumes" not in cache, "nothing of the cache outlives its container"
+    assert "ports" not in cache, "only the api replicas talk to it"
+    health = " ".join(cache["healthcheck"]["test"])
+    assert "valkey-cli ping" in health
+    assert cache["restart"] == "unless-stopped"
+
+
+def test_every_api_replica_shares_the_cache_and_none_waits_for_it(
+    resolved: dict[str, dict[str, Any]],
+) -> None:
+    api, cache = resolved["api"], resolved["cache"]
+    url = api["environment"]["CLIPLENS_CACHE_URL"]
+    assert load_settings(api["environment"]).cache_url == url, "the service reads it as its shared tier"
+    parts = urlsplit(url)
+    assert parts.scheme == "redis" and parts.hostname == "cache", "the cache service's name, by Docker's DNS"
+    port = flags(cache["command"]).get("--port", "6379")
+    assert str(parts.port) == port and port in cache["expose"]
+    assert parts.path == "/0"
+    networks = {"default"}
+    assert set(api.get("networks") or networks) & set(cache.get("networks") or networks), "one network"
+    # A slow or dead cache is bypassed, never a failed request: nothing the api (or the proxy in front
+    # of it) waits for may be the cache's health.
+    for name in ("api", "proxy"):
+        assert waits_on(resolved, name).get("cache", "service_started") == "service_started", name

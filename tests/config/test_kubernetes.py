@@ -13,7 +13,9 @@ optional components on top, and every object is validated:
 Then the parts are held to each other and to the service: probes and ports, the drain timings
 against CLIPLENS_SHUTDOWN_GRACE_S, CPU pools against CPU requests, selectors, the GPU variant, the
 autoscaling query against the metric contract, the recording rule and the dashboard, the
-collector's wiring, and the Prometheus scrape config without the operator.
+collector's wiring, and the Prometheus scrape config without the operator. The optional shared
+embedding cache (components/valkey-cache) is rendered the way a user enables it, by uncommenting
+its line in each overlay, and held to the pods that use it and to the compose file's cache.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -32,6 +35,7 @@ import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
+from cliplens.settings import load_settings
 from cliplens.telemetry.metrics import Metrics
 from tests.harness.manifests import (
     KUBERNETES,
@@ -41,6 +45,7 @@ from tests.harness.manifests import (
     container,
     find,
     render,
+    render_directory,
     settings,
 )
 from tests.harness.tools import debian, required
@@ -504,3 +509,151 @@ def test_the_plain_prometheus_config_reads_the_pod_annotations_and_passes_promto
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the shared embedding cache (components/valkey-cache) -------------------------------------
+
+CACHE_COMPONENT = "../../components/valkey-cache"
+CACHE_OBJECTS = {
+    ("Deployment", "cliplens-cache"),
+    ("Service", "cliplens-cache"),
+    ("NetworkPolicy", "cliplens-cache"),
+}
+
+
+def with_cache(overlay: str, workdir: Path) -> list[Manifest]:
+    """`overlay` with the cache enabled as its kustomization tells users to: the commented
+    component line uncommented (in a copy of deploy/kubernetes)."""
+    tree = workdir / "kubernetes"
+    shutil.copytree(KUBERNETES, tree, ignore=shutil.ignore_patterns("__pycache__"))
+    kustomization = tree / "overlays" / overlay / "kustomization.yaml"
+    text = kustomization.read_text()
+    line = f"  # - {CACHE_COMPONENT}\n"
+    assert text.count(line) == 1, f"{overlay}: the overlay offers the cache, commented"
+    kustomization.write_text(text.replace(line, f"  - {CACHE_COMPONENT}\n"))
+    return render_directory(kustomization.parent)
+
+
+def environment(manifests: list[Manifest], deployment: Manifest) -> dict[str, str]:
+    """What the cliplens container's process sees: its ConfigMaps, then its own `env` values."""
+    found = settings(manifests, deployment)
+    found.update({e["name"]: e["value"] for e in container(deployment).get("env", []) if "value" in e})
+    return found
+
+
+def server_flags(args: list[str]) -> dict[str, str]:
+    """`valkey-server --name value ...` as {"--name": "value"}: every option of the cache takes one."""
+    assert args[0] == "valkey-server" and len(args) % 2 == 1, args
+    return dict(zip(args[1::2], args[2::2], strict=True))
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (Mi, Gi) or a Valkey size (mb, gb), in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * {"": 1, "Mi": 2**20, "Gi": 2**30, "mb": 2**20, "gb": 2**30}[unit]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Manifest]]:
+    return {overlay: with_cache(overlay, tmp_path_factory.mktemp(overlay)) for overlay in OVERLAYS}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_cache_adds_its_own_objects_and_only_the_url_to_the_pods_settings(
+    overlay: str, rendered: dict[str, list[Manifest]], cached: dict[str, list[Manifest]]
+) -> None:
+    manifests = cached[overlay]
+    for manifest in manifests:
+        try:
+            validate(manifest)
+        except Exception as exc:  # the message names the object and the field
+            pytest.fail(f"{overlay} + cache: {manifest['kind']}/{manifest['metadata']['name']}: {exc}")
+        namespaced = manifest["kind"] != "Namespace"
+        assert not namespaced or manifest["metadata"]["namespace"] == NAMESPACE, manifest["metadata"]
+    names = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    without = {(m["kind"], m["metadata"]["name"]) for m in rendered[overlay]}
+    changed = names ^ without
+    assert {part for part in changed if part[0] != "ConfigMap"} == CACHE_OBJECTS
+    before = settings(rendered[overlay], find(rendered[overlay], "Deployment", "cliplens"))
+    after = settings(manifests, find(manifests, "Deployment", "cliplens"))
+    assert set(after) - set(before) == {"CLIPLENS_CACHE_URL"}
+    assert {k: v for k, v in after.items() if k in before} == before, "the overlay's own settings stay"
+    app = find(manifests, "Deployment", "cliplens")
+    assert "initContainers" not in app["spec"]["template"]["spec"], "no pod waits for the cache"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_cliplens_pod_reads_the_cache_through_its_service(
+    overlay: str, cached: dict[str, list[Manifest]]
+) -> None:
+    manifests = cached[overlay]
+    deployment = find(manifests, "Deployment", "cliplens")
+    env = environment(manifests, deployment)
+    url = env["CLIPLENS_CACHE_URL"]
+    parts = urlsplit(url)
+    service = find(manifests, "Service", "cliplens-cache")
+    assert parts.scheme == "redis" and parts.hostname == service["metadata"]["name"]
+    (port,) = service["spec"]["ports"]
+    assert parts.port == port["port"] and parts.path == "/0"
+    valkey_deployment = find(manifests, "Deployment", "cliplens-cache")
+    pod = valkey_deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    valkey = container(valkey_deployment, "valkey")
+    container_ports = {p["name"]: p["containerPort"] for p in valkey["ports"]}
+    assert container_ports[port["targetPort"]] == int(server_flags(valkey["args"]).get("--port", "6379"))
+    # The Service's links put CLIPLENS_CACHE_* variables of their own into every pod of the namespace
+    # (enableServiceLinks is on by default): the settings must take them along with the URL.
+    host, number = "10.96.0.10", port["port"]
+    links = {
+        "CLIPLENS_CACHE_SERVICE_HOST": host,
+        "CLIPLENS_CACHE_SERVICE_PORT": str(number),
+        f"CLIPLENS_CACHE_SERVICE_PORT_{port['name'].upper()}": str(number),
+        "CLIPLENS_CACHE_PORT": f"tcp://{host}:{number}",
+        f"CLIPLENS_CACHE_PORT_{number}_TCP": f"tcp://{host}:{number}",
+        f"CLIPLENS_CACHE_PORT_{number}_TCP_PROTO": "tcp",
+        f"CLIPLENS_CACHE_PORT_{number}_TCP_PORT": str(number),
+        f"CLIPLENS_CACHE_PORT_{number}_TCP_ADDR": host,
+    }
+    assert load_settings({**env, **links}).cache_url == url
+    # No password: only the cliplens pods may open a connection (where the network plugin enforces it).
+    policy = find(manifests, "NetworkPolicy", "cliplens-cache")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    api_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert (
+        source["podSelector"]["matchLabels"].items() <= api_labels.items()
+        and "namespaceSelector" not in source
+    )
+    assert [p["port"] for p in rule["ports"]] == [port["targetPort"]]
+
+
+def test_valkey_runs_non_root_as_the_same_memory_only_lru_cache_as_in_compose(
+    cached: dict[str, list[Manifest]],
+) -> None:
+    deployment = find(cached["cpu"], "Deployment", "cliplens-cache")
+    assert deployment["spec"]["replicas"] == 1, "one cache: every replica must see the same entries"
+    pod = deployment["spec"]["template"]["spec"]
+    (valkey,) = pod["containers"]
+    options = server_flags(valkey["args"])
+    assert options["--maxmemory-policy"] == "allkeys-lru"
+    assert options["--save"] == "" and options["--appendonly"] == "no", "nothing on disk"
+    assert quantity_bytes(valkey["resources"]["limits"]["memory"]) >= 1.5 * quantity_bytes(
+        options["--maxmemory"]
+    ), "room above the entries for the server itself, client buffers and fragmentation"
+    assert valkey["resources"]["requests"]["cpu"] and valkey["resources"]["requests"]["memory"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    security = valkey["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    # The image's entrypoint refuses a working directory (/data) it cannot write to.
+    (mount,) = valkey["volumeMounts"]
+    assert mount["mountPath"] == "/data"
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    probe = " ".join(valkey["readinessProbe"]["exec"]["command"])
+    assert "valkey-cli ping" in probe
+    assert pod["automountServiceAccountToken"] is False
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["cache"]
+    assert valkey["image"] == compose["image"], "one Valkey release, in compose and on Kubernetes"
+    assert valkey["args"] == compose["command"], "the same cache configuration"
