@@ -12,8 +12,15 @@ Variants, each a real HTTP server in its own process, loaded by this process ove
   ViT written to a `local-dir:` folder), at 50 x 30 with 12 MP photos only and 2 MP photos only.
   It measures the host side alone: its images/s against the host limit (usable cores / the mean
   single-core seconds per image of the fastest decode path measured here on the same photos, at
-  the fidelity cliplens keeps) is the **host efficiency**.
-Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O.
+  the fidelity cliplens keeps) is the **host efficiency**;
+- `cliplens-cache` and `cliplens-cache-off`: default settings, with and without the embedding cache
+  (CLIPLENS_CACHE_BYTES=0), at 50 x 30 where 80% of the photos were embedded before (the whole
+  corpus, sent first) and 20% are new (distinct copies of corpus photos: other bytes, same
+  pixels). The other variants' load skips the cache (`"cache": false`), so that a photo sent twice
+  is embedded twice and they measure the pipeline.
+Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O;
+and, with the cache variants, the CPU time per image of a cache hit and of a miss for 12 MP photos
+read from a real fake-gcs-server (a hit is the object's metadata and a memory lookup).
 
 Scenarios: 1 image, 50 images, 50 images x 30 concurrent (12 MP and 2 MP photos, half each), and
 50 x 30 with 2 MP photos only (the ceiling comparison). It prints, and writes to
@@ -35,6 +42,7 @@ import argparse
 import asyncio
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -54,7 +62,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from cliplens.experiment.corpus import generate
+from cliplens.experiment.corpus import distinct_copy, generate
+from cliplens.experiment.fakegcs import FakeGcsServer
 from cliplens.experiment.inprocess import free_port
 from cliplens.experiment.load import RequestRecord, Scenario, run_scenario
 from cliplens.experiment.machine import describe
@@ -63,10 +72,10 @@ from cliplens.machine import usable_cpus
 from cliplens.pipeline.decode import decode_image
 from cliplens.pipeline.model import resolve_dtype
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
-from cliplens.vocabulary import Stage
+from cliplens.vocabulary import PIPELINE_STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = tuple(stage.value for stage in Stage)
+STAGES = tuple(stage.value for stage in PIPELINE_STAGES)
 TINY_CONFIG = {
     "model_cfg": {
         "embed_dim": 32,
@@ -282,12 +291,14 @@ def server(
         stop_process(process, 60)
 
 
-async def _drive(url: str, scenario: Scenario, photos: list[str]) -> tuple[list[RequestRecord], float]:
+async def _drive(
+    url: str, scenario: Scenario, photos: list[str], read_cache: bool = False, rounds: int = 1
+) -> tuple[list[RequestRecord], float]:
     async with httpx.AsyncClient(
         base_url=url, timeout=3600, limits=httpx.Limits(max_connections=200)
     ) as client:
         started = time.perf_counter()
-        records = await run_scenario(client, scenario, photos)
+        records = await run_scenario(client, scenario, photos, rounds, read_cache=read_cache)
         return records, time.perf_counter() - started
 
 
@@ -300,20 +311,21 @@ def run_scenario_on_fresh_server(
     scenario: Scenario,
     photos: list[str],
     warmup: list[str],
+    read_cache: bool = False,
 ) -> ScenarioResult:
     """One scenario on a server started (and warmed up) for it alone, so scenarios do not share
     memory or warm state. A server that dies under the load (the original pipeline, out of memory)
     is recorded as crashed, with its exit status, instead of ending the benchmark."""
     original = variant == "original"
     with server(command, env, log) as (url, process):
-        asyncio.run(_drive(url, Scenario(len(warmup)), warmup))
+        asyncio.run(_drive(url, Scenario(len(warmup)), warmup, read_cache))
         if original:
             httpx.get(f"{url}/stats", params={"reset": "true"}, timeout=30)
         else:
             before = _metrics(url)
         cpu_before = thread_cpu_seconds(process.pid)
         try:
-            records, wall = asyncio.run(_drive(url, scenario, photos))
+            records, wall = asyncio.run(_drive(url, scenario, photos, read_cache))
         except httpx.TransportError:
             process.wait(timeout=60)
             records, wall = [], 0.0
@@ -351,6 +363,128 @@ def run_scenario_on_fresh_server(
     )
 
 
+NEW_EVERY = 5
+"""In the `80% repeated` load, one photo in five is new."""
+REPEATED = "80% repeated photos"
+CACHE_VARIANTS = ("cliplens-cache", "cliplens-cache-off")
+
+
+def repeated_photos(root: Path, corpus: Sequence[str], total: int) -> list[str]:
+    """`total` references in which every fifth is a photo never sent before (a distinct copy of a
+    corpus photo, written under `root`/new/) and the rest cycle through the corpus."""
+    (root / "new").mkdir(exist_ok=True)
+    seen = itertools.cycle(corpus)
+    references = []
+    for index in range(total):
+        if index % NEW_EVERY:
+            references.append(next(seen))
+            continue
+        source = corpus[(index // NEW_EVERY) % len(corpus)]
+        name = f"new/{index:05d}-{source}"
+        (root / name).write_bytes(distinct_copy((root / source).read_bytes(), index))
+        references.append(name)
+    return references
+
+
+@dataclasses.dataclass
+class CacheCosts:
+    """One process's CPU time per image served (all its threads), for a miss and for a hit."""
+
+    photos: int
+    size: str
+    """The photos' size class, e.g. `12 MP`."""
+    request: int
+    """Images per request."""
+    miss_cpu_ms: float
+    hit_cpu_ms: float
+    miss_rate: float
+    hit_rate: float
+    """Images per second, one request at a time."""
+
+
+CACHE_REQUEST = 10
+
+
+def cache_costs(files: Sequence[Path], env: dict[str, str], workdir: Path, rounds: int) -> CacheCosts:
+    """Serve `files` from a real fake-gcs-server: once (every one a miss: metadata, download,
+    decode, preprocess, model), then `rounds` times more (every one a hit: metadata, memory); the
+    first file warms the server up, untimed, and the others are sent `CACHE_REQUEST` at a time."""
+    names = [f"photos/{path.name}" for path in files]
+    size = min(CACHE_REQUEST, len(names) - 1)
+    measured = names[1 : 1 + (len(names) - 1) // size * size]
+    with FakeGcsServer(workdir / "fake-gcs.log") as gcs:
+        gcs.create_bucket("bench")
+        for name, path in zip(names, files, strict=True):
+            httpx.post(
+                f"{gcs.url}/upload/storage/v1/b/bench/o",
+                params={"uploadType": "media", "name": name},
+                content=path.read_bytes(),
+                headers={"Content-Type": "image/jpeg"},
+                timeout=60,
+            ).raise_for_status()
+        gcs_env = {k: v for k, v in env.items() if k != "CLIPLENS_IMAGE_ROOT"}
+        gcs_env.update(
+            CLIPLENS_DEFAULT_BUCKET="bench",
+            CLIPLENS_ALLOWED_BUCKETS="bench",
+            STORAGE_EMULATOR_HOST=gcs.url,
+            CLIPLENS_ALLOW_EMULATOR="1",
+        )
+        serve = [sys.executable, "-m", "cliplens.cli", "serve"]
+        with server(serve, gcs_env, workdir / "cache-costs.log") as (url, process):
+            warm = Scenario(1)
+            asyncio.run(_drive(url, warm, names[:1], read_cache=True))  # a miss and a hit, untimed
+            asyncio.run(_drive(url, warm, names[:1], read_cache=True))
+            passes = []
+            for repeats in (1, rounds):
+                requests = repeats * len(measured) // size
+                before = sum(thread_cpu_seconds(process.pid).values())
+                records, wall = asyncio.run(_drive(url, Scenario(size), measured, True, requests))
+                cpu_s = sum(thread_cpu_seconds(process.pid).values()) - before
+                served = sum(r.ok for r in records)
+                if served != repeats * len(measured):
+                    raise RuntimeError(f"cache costs: {served} of {repeats * len(measured)} images served")
+                passes.append((cpu_s * 1000 / served, served / wall))
+    (miss_ms, miss_rate), (hit_ms, hit_rate) = passes
+    size_class = "12 MP" if files[0].name.endswith("-12mp.jpg") else "2 MP"
+    return CacheCosts(len(measured), size_class, size, miss_ms, hit_ms, miss_rate, hit_rate)
+
+
+def cache_section(
+    by_key: dict[tuple[str, str], ScenarioResult], label: str | None, costs: CacheCosts | None
+) -> list[str]:
+    lines = ["", "## Embedding cache", ""]
+    cached = by_key.get(("cliplens-cache", label or ""))
+    uncached = by_key.get(("cliplens-cache-off", label or ""))
+    if cached and uncached and uncached.throughput and not (cached.crashed or uncached.crashed):
+        ratio = cached.throughput / uncached.throughput
+        verdict = "met" if ratio >= 4 else "missed"
+        lines += [
+            f"At {label} (the whole corpus sent once before, then one photo in {NEW_EVERY} new),",
+            f"the cache serves {cached.throughput:.2f} images/s, {ratio:.2f}x the "
+            f"{uncached.throughput:.2f} images/s of the same service without it (target >= 4x): {verdict}.",
+            "Without the cache every photo crosses every stage; `cliplens-default`'s load skips the",
+            'cache\'s lookups (`"cache": false`) and so measures the same pipeline with the cache on.',
+        ]
+    if costs is not None:
+        ratio = costs.miss_cpu_ms / costs.hit_cpu_ms if costs.hit_cpu_ms else float("inf")
+        verdict = "met" if ratio >= 20 else "missed"
+        lines += [
+            "",
+            f"CPU time of the cliplens process per image, {costs.photos} {costs.size} photos from a real",
+            f"fake-gcs-server, in requests of {costs.request} sent one at a time (fake-gcs-server's own",
+            "CPU not counted):",
+            "",
+            "| path | CPU per image | images/s |",
+            "|---|---:|---:|",
+            f"| miss (metadata, download, decode, preprocess, model, write) | {costs.miss_cpu_ms:.1f} ms "
+            f"| {costs.miss_rate:.1f} |",
+            f"| hit (metadata, memory lookup) | {costs.hit_cpu_ms:.2f} ms | {costs.hit_rate:.1f} |",
+            "",
+            f"A hit costs {ratio:.0f}x less CPU than a miss (target >= 20x): {verdict}.",
+        ]
+    return lines
+
+
 def _fmt_stages(values: dict[str, float]) -> str:
     return " / ".join(f"{values[s]:.1f}" if s in values else "-" for s in STAGES)
 
@@ -373,6 +507,7 @@ def render(
     costs: dict[str, dict[str, tuple[float, bool]]],
     default_dtype: str,
     elapsed_s: float,
+    cache: CacheCosts | None = None,
 ) -> str:
     by_key = {(r.variant, r.scenario): r for r in results}
     scenarios = list(dict.fromkeys(r.scenario for r in results))
@@ -434,6 +569,9 @@ def render(
         lines.append(f"- {dtype}: {rate:.2f} images/s (best batch size {batch})")
     if costs:
         lines += host_efficiency(by_key, costs, int(info["cores"]))
+    if any(variant.startswith("cliplens-cache") for variant in args.variants):
+        repeated = next((s for s in scenarios if s.endswith(REPEATED)), None)
+        lines += cache_section(by_key, repeated, cache)
     lines += ["", "## Targets", ""]
     cores = int(info["cores"]) if args.device == "cpu" else None
     lines += targets(by_key, ceilings, default_dtype, scenarios, cores)
@@ -591,7 +729,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=60)
     parser.add_argument("--images", type=int, default=50, help="images per request")
     parser.add_argument("--concurrency", type=int, default=30)
-    parser.add_argument("--variants", default="original,cliplens-default,cliplens-float32,cliplens-free")
+    parser.add_argument(
+        "--variants",
+        default="original,cliplens-default,cliplens-float32,cliplens-free,cliplens-cache,cliplens-cache-off",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -626,6 +767,10 @@ def main() -> None:
     scenarios = {variant: common + single_size[-1:] for variant in args.variants}
     if "cliplens-free" in scenarios:
         scenarios["cliplens-free"] = single_size
+    if any(variant in CACHE_VARIANTS for variant in args.variants):
+        repeated = repeated_photos(mixed_dir, mixed, args.images * args.concurrency)
+        for variant in CACHE_VARIANTS:
+            scenarios[variant] = [(f"{load}, {REPEATED}", concurrent, repeated)]
     device = torch.device(args.device)
     default_dtype = str(resolve_dtype("auto", device)).removeprefix("torch.")
     info = machine()
@@ -659,6 +804,8 @@ def main() -> None:
         variant_env = dict(env, CLIPLENS_DTYPE="float32" if variant == "cliplens-float32" else "auto")
         if variant == "cliplens-gpu-decode":
             variant_env["CLIPLENS_GPU_DECODE"] = "1"
+        if variant == "cliplens-cache-off":
+            variant_env["CLIPLENS_CACHE_BYTES"] = "0"
         if variant == "cliplens-free":
             free_dir = workdir / "free-model"
             free_dir.mkdir(parents=True, exist_ok=True)
@@ -674,7 +821,9 @@ def main() -> None:
                 label,
                 scenario,
                 photos,
-                mixed[: min(8, len(mixed))],
+                # the cache variants' warm-up is the earlier traffic their load repeats
+                mixed if variant in CACHE_VARIANTS else mixed[: min(8, len(mixed))],
+                read_cache=variant == "cliplens-cache",
             )
             results.append(result)
             shown = result.crashed or f"{result.throughput:7.2f} images/s"
@@ -685,7 +834,13 @@ def main() -> None:
             if names:
                 costs[size] = decode_costs([mixed_dir / name for name in names])
                 print(f"decode cost {size}: {costs[size]}", flush=True)
-    page = render(info, args, results, ceilings, costs, default_dtype, time.perf_counter() - started)
+    cache = None
+    if "cliplens-cache" in args.variants:
+        large = [mixed_dir / name for name in (by_class["12mp"] or by_class["2mp"])]
+        cache = cache_costs(large, dict(env, CLIPLENS_DTYPE="auto"), workdir, rounds=2 if args.tiny else 10)
+        print(f"cache costs: {cache}", flush=True)
+    elapsed = time.perf_counter() - started
+    page = render(info, args, results, ceilings, costs, default_dtype, elapsed, cache)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page)
     print(page, flush=True)

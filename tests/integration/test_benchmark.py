@@ -31,6 +31,14 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
     for variant in ("original", "cliplens-default", "cliplens-float32"):
         assert page.count(f"| {variant} |") == 8, variant
     assert page.count("| cliplens-free |") == 2  # its one scenario (2 MP only at --tiny), both tables
+    for variant in ("cliplens-cache", "cliplens-cache-off"):  # the 80%-repeated load, both tables
+        assert page.count(f"| 2 x 2, 80% repeated photos | {variant} |") == 2, variant
+    served = re.search(r"the cache serves ([0-9.]+) images/s, ([0-9.]+)x the", page)
+    assert served is not None and float(served[1]) > 0, page
+    row = r"\| {} \(.*\) \| ([0-9.]+) ms \| ([0-9.]+) \|"
+    costs = re.search(row.format("miss") + r"\n" + row.format("hit"), page)
+    assert costs is not None, page
+    assert float(costs[1]) > 0 and float(costs[2]) > 0 and float(costs[4]) > 0
     for heading in ("## Machine", "## Throughput and latency", "## Model-only ceiling", "## Targets"):
         assert heading in page
     assert "- cores: " in page
