@@ -177,9 +177,9 @@ class LatencyProxy:
                     self.counters.delayed_ms += delay * 1e3
                     await asyncio.sleep(delay)
                 await link.carry(len(chunk))
+                self.counters.bytes_up += len(chunk)  # before the write: the peer may act on it at once
                 upstream_writer.write(chunk)
                 await upstream_writer.drain()
-                self.counters.bytes_up += len(chunk)
             if upstream_writer.can_write_eof():
                 upstream_writer.write_eof()
 
@@ -188,9 +188,9 @@ class LatencyProxy:
             while chunk := await upstream_reader.read(_CHUNK):
                 answered.set()
                 await link.carry(len(chunk))
+                self.counters.bytes_down += len(chunk)
                 client_writer.write(chunk)
                 await client_writer.drain()
-                self.counters.bytes_down += len(chunk)
             if client_writer.can_write_eof():
                 client_writer.write_eof()
 
