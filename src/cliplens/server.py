@@ -33,6 +33,7 @@ If the model cannot be loaded, the server stops and `serve` returns 1.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import signal
@@ -162,6 +163,27 @@ class _Exchange:
     """The body has been read (or given up on): later receives wait for a disconnect, unbounded."""
 
 
+class OwnContext:
+    """ASGI middleware: each request runs in a context of its own, never in one a previous request
+    left on its connection.
+
+    uvicorn starts a request's task in the context its connection's read callback runs in, and a
+    transport resumed after flow control (a body larger than 64 KiB) runs that callback in a copy of
+    the context of the request that resumed it, that request's current span included: every later
+    request on the connection answered with that request's X-Trace-Id, and its spans and exemplars
+    joined that trace. The app runs in a task with an empty context instead (cancelling the
+    request's task cancels it too)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def request() -> None:
+            await self.app(scope, receive, send)
+
+        await asyncio.get_running_loop().create_task(request(), context=contextvars.Context())
+
+
 class RequestGuard:
     """ASGI middleware between uvicorn and the app: the body read timeout, `Connection: close` on
     every answer during the drain, and a JSON answer for a request cancelled when the grace period
@@ -287,7 +309,7 @@ def build_server(settings: Settings, host: str, port: int) -> tuple[DrainingServ
         header_timeout_s=settings.header_timeout_s, max_connections=settings.max_connections
     )
     config = uvicorn.Config(
-        RequestGuard(app, runtime, body_timeout_s=settings.body_timeout_s),
+        RequestGuard(OwnContext(app), runtime, body_timeout_s=settings.body_timeout_s),
         host=host,
         port=port,
         http=protocol,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import secrets
 import signal
 import subprocess
 import sys
@@ -15,10 +17,12 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
+from cliplens.experiment.corpus import distinct_copy, encode_jpeg, render_photo
 from cliplens.experiment.inprocess import InProcessService, free_port
 from cliplens.experiment.processes import wait_until_answering
 from cliplens.settings import Settings
 from tests.harness.servers import child_environment
+from tests.harness.service import serving
 
 
 def test_the_official_openai_client_reads_float_and_base64(settings: Settings) -> None:
@@ -147,3 +151,24 @@ def test_cliplens_version_answers_without_loading_anything() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"cliplens {__version__}"
+
+
+def test_every_request_on_a_kept_alive_connection_has_its_own_trace(tiny_model: str, tmp_path: Path) -> None:
+    """A body over uvicorn's 64 KiB flow-control mark once left its request's span current for every
+    later request on the connection: they answered with its trace id (and joined its trace)."""
+    photo = encode_jpeg(render_photo(5, 1024, 768))
+    with (
+        serving(tiny_model, tmp_path) as service,
+        httpx.Client(base_url=service.url, timeout=60) as connection,
+    ):
+        for number in range(4):
+            large = "data:image/jpeg;base64," + base64.b64encode(distinct_copy(photo, number)).decode()
+            assert len(large) > 128 * 1024
+            trace_id = secrets.token_hex(16)
+            response = connection.post(
+                "/v1/embeddings",
+                json={"input": [large] if number % 2 == 0 else ["data:,"]},
+                headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+            )
+            assert response.status_code == 200
+            assert response.headers["x-trace-id"] == trace_id, number

@@ -15,6 +15,7 @@ import httpx
 import uvicorn
 
 from cliplens.app import create_app
+from cliplens.server import OwnContext
 from cliplens.settings import Settings
 
 
@@ -40,7 +41,8 @@ class InProcessService:
         self.ready_timeout_s = ready_timeout_s
         self._failure: BaseException | None = None
         self.app = create_app(settings, on_fatal=self._fatal)
-        config = uvicorn.Config(self.app, host=host, port=self.port, log_config=None, access_log=False)
+        served = OwnContext(self.app)
+        config = uvicorn.Config(served, host=host, port=self.port, log_config=None, access_log=False)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="cliplens-uvicorn", daemon=True)
 
