@@ -36,7 +36,7 @@ PHOTOS = ("album/1/a.jpg", "album/1/b.jpg", "album/2/c.jpg")
 """Sent in every image request: every other request reads the embedding cache (and they are hits
 after their first time), the others skip it (and they cross every stage again)."""
 MISSING = "album/missing.jpg"
-_NEW_PHOTO = encode_jpeg(render_photo(11, 320, 240))
+_NEW_PHOTO = encode_jpeg(render_photo(11, 1024, 768))
 _copies = itertools.count()
 
 
@@ -96,7 +96,9 @@ async def _worker(client: httpx.AsyncClient, level: Level, index: int) -> None:
             body: dict[str, Any] = {"input": [TEXT], "modality": "text"}
         else:
             reads = turn % 2 == 0
-            inputs = [*PHOTOS, new_photo(), *([MISSING] if reads else [])]
+            # as much work per request as before the cache (3-4 photos through every stage): the
+            # KEDA test needs images in flight when Prometheus scrapes
+            inputs = [*PHOTOS, new_photo(), new_photo(), *([MISSING] if reads else [])]
             body = {"input": inputs, "encoding_format": "base64", "timings": True, "cache": reads}
         response = await client.post("/v1/embeddings", json=body)
         assert response.status_code == 200, response.text
