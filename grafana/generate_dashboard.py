@@ -388,6 +388,16 @@ def images_in_flight_per_replica() -> str:
     )
 
 
+def held_against_bound(held: tuple[str, str], bound: tuple[str, str]) -> list[Json]:
+    """A gauge summed over the selected replicas against the sum of their bounds, and the gauge of
+    each replica: `held` and `bound` are (series, legend)."""
+    return [
+        target("A", f"sum({held[0]}{{{INSTANCE}}})", held[1]),
+        target("B", f"sum({bound[0]}{{{INSTANCE}}})", bound[1]),
+        target("C", f"{held[0]}{{{INSTANCE}}}", "{{instance}}"),
+    ]
+
+
 def replica_rows() -> list[Json]:
     return [
         row("Replicas: admission, autoscaling signal, exact peaks, rejections and retries"),
@@ -396,13 +406,10 @@ def replica_rows() -> list[Json]:
             "Images admitted and not finished, summed over the selected replicas, against the sum of "
             "their admission bounds (CLIPLENS_MAX_IMAGES_IN_FLIGHT each): at the bound, new requests get "
             "429 `overloaded`. Sampled at each scrape; one line per replica below the sum.",
-            [
-                target("A", f"sum(cliplens_images_in_flight{{{INSTANCE}}})", "in flight, selected replicas"),
-                target(
-                    "B", f"sum(cliplens_images_in_flight_limit{{{INSTANCE}}})", "admission limit, selected"
-                ),
-                target("C", f"cliplens_images_in_flight{{{INSTANCE}}}", "{{instance}}"),
-            ],
+            held_against_bound(
+                ("cliplens_images_in_flight", "in flight, selected replicas"),
+                ("cliplens_images_in_flight_limit", "admission limit, selected"),
+            ),
             unit="short",
             width=8,
             overrides=[],
@@ -565,13 +572,10 @@ def cache_rows() -> list[Json]:
             "The in-process tier of each replica holds encoded vectors up to its bound "
             "(CLIPLENS_CACHE_BYTES, 0 = the memory tier is off) and evicts the least recently used "
             "beyond it. Sums over the selected replicas, and each replica.",
-            [
-                target("A", f"sum(cliplens_cache_bytes{{{INSTANCE}}})", "held, selected replicas"),
-                target(
-                    "B", f"sum(cliplens_cache_capacity_bytes{{{INSTANCE}}})", "capacity, selected replicas"
-                ),
-                target("C", f"cliplens_cache_bytes{{{INSTANCE}}}", "{{instance}}"),
-            ],
+            held_against_bound(
+                ("cliplens_cache_bytes", "held, selected replicas"),
+                ("cliplens_cache_capacity_bytes", "capacity, selected replicas"),
+            ),
             unit="bytes",
             width=8,
             overrides=[],

@@ -118,3 +118,15 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
     server.upload("other-bucket", "secret.jpg", photo_bytes("album/1/a.jpg"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def gcs_settings(tiny_weights: Path, fake_gcs: FakeGcs) -> Settings:
+    """The service reading bucket `photos` of the fake-gcs-server, with a checkpoint's weights."""
+    return Settings(
+        model=f"local-dir:{tiny_weights}",
+        default_bucket=BUCKET,
+        allowed_buckets=(BUCKET,),
+        gcs_emulator_host=fake_gcs.url,
+        cpu_workers=2,
+    )

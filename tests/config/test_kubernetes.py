@@ -115,11 +115,16 @@ def test_every_object_of_every_variant_validates_against_its_schema(
 ) -> None:
     manifests = render(overlay, components, tmp_path)
     assert manifests
+    assert_valid_and_namespaced(manifests, f"{overlay} {components}")
+
+
+def assert_valid_and_namespaced(manifests: list[Manifest], what: str) -> None:
+    """Every object validates against its schema and, but the Namespace itself, is in NAMESPACE."""
     for manifest in manifests:
         try:
             validate(manifest)
         except Exception as exc:  # the message names the object and the field
-            pytest.fail(f"{overlay} {components}: {manifest['kind']}/{manifest['metadata']['name']}: {exc}")
+            pytest.fail(f"{what}: {manifest['kind']}/{manifest['metadata']['name']}: {exc}")
         namespaced = manifest["kind"] != "Namespace"
         assert not namespaced or manifest["metadata"]["namespace"] == NAMESPACE, manifest["metadata"]
 
@@ -563,13 +568,7 @@ def test_the_cache_adds_its_own_objects_and_only_the_url_to_the_pods_settings(
     overlay: str, rendered: dict[str, list[Manifest]], cached: dict[str, list[Manifest]]
 ) -> None:
     manifests = cached[overlay]
-    for manifest in manifests:
-        try:
-            validate(manifest)
-        except Exception as exc:  # the message names the object and the field
-            pytest.fail(f"{overlay} + cache: {manifest['kind']}/{manifest['metadata']['name']}: {exc}")
-        namespaced = manifest["kind"] != "Namespace"
-        assert not namespaced or manifest["metadata"]["namespace"] == NAMESPACE, manifest["metadata"]
+    assert_valid_and_namespaced(manifests, f"{overlay} + cache")
     names = {(m["kind"], m["metadata"]["name"]) for m in manifests}
     without = {(m["kind"], m["metadata"]["name"]) for m in rendered[overlay]}
     changed = names ^ without

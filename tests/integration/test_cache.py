@@ -47,17 +47,6 @@ def data_uri(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-@pytest.fixture
-def gcs_settings(tiny_weights: Path, fake_gcs: FakeGcs) -> Settings:
-    return Settings(
-        model=f"local-dir:{tiny_weights}",
-        default_bucket=BUCKET,
-        allowed_buckets=(BUCKET,),
-        gcs_emulator_host=fake_gcs.url,
-        cpu_workers=2,
-    )
-
-
 def test_a_repeated_gcs_photo_is_served_from_its_generation_and_an_overwrite_is_never_stale(
     gcs_settings: Settings, fake_gcs: FakeGcs
 ) -> None:

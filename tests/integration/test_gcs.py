@@ -6,23 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from cliplens.experiment.inprocess import free_port
 from cliplens.settings import Settings
 from tests.conftest import BUCKET, running
-from tests.harness.servers import FakeGcs
-
-
-@pytest.fixture
-def gcs_settings(tiny_weights: Path, fake_gcs: FakeGcs) -> Settings:
-    return Settings(
-        model=f"local-dir:{tiny_weights}",
-        default_bucket=BUCKET,
-        allowed_buckets=(BUCKET,),
-        gcs_emulator_host=fake_gcs.url,
-        cpu_workers=2,
-    )
 
 
 def vectors(body: dict[str, list[dict[str, object]]]) -> dict[int, np.ndarray]:
