@@ -287,7 +287,7 @@ def test_an_emulator_host_in_the_environment_never_turns_off_authentication(
 
     source = GcsSource(Recording(), CAP, emulator_host=None, retries=0)  # type: ignore[arg-type]
     with pytest.raises(TimeoutError):
-        asyncio.run(asyncio.wait_for(source.read(GcsReference(BUCKET, "a.jpg")), 0.5))
+        asyncio.run(asyncio.wait_for(source.load(GcsReference(BUCKET, "a.jpg")), 0.5))
     assert len(requested) == 1 and "127.0.0.1:9" not in requested[0]
     assert "token" in requested[0], requested
 

@@ -160,7 +160,7 @@ def url_requested_for(reference: GcsReference) -> tuple[yarl.URL, object]:
     session = _RecordingSession()
     source = GcsSource(session, CAP, "http://storage.test:4443", retries=0)  # type: ignore[arg-type]
     with pytest.raises(_Captured):
-        asyncio.run(source.read(reference))
+        asyncio.run(source.load(reference))
     (url, params), *_ = session.calls
     return yarl.URL(url), params  # parsed as aiohttp parses it
 
@@ -273,11 +273,11 @@ def local_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalDirectory
 
 
 def read_within(source: LocalDirectorySource, name: str, timeout_s: float) -> bytes:
-    """source.read(name), failing (not hanging) if it blocks: opening a FIFO for reading would."""
+    """source.load(name)'s bytes, failing (not hanging) if it blocks: opening a FIFO for reading would."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(source.read, name)
+        future = pool.submit(source.load, name)
         try:
-            return future.result(timeout_s)
+            return future.result(timeout_s).data
         except concurrent.futures.TimeoutError:
             with contextlib.suppress(OSError):  # give the blocked reader its writer, and EOF
                 os.close(os.open(source.root / "fifo", os.O_WRONLY | os.O_NONBLOCK))

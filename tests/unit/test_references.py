@@ -117,7 +117,7 @@ def test_a_large_data_uri_is_decoded_by_the_load_stage_not_while_parsing() -> No
     assert reference.decode() == data
     sources = ImageSources(None, None, max_bytes=2**24)
     assert not sources.needs_slot(reference)
-    assert asyncio.run(sources.read(reference)) == data
+    assert asyncio.run(sources.load(reference)).data == data
 
 
 @pytest.mark.parametrize(
@@ -143,5 +143,5 @@ def test_a_refused_reference_fails_with_its_error_without_any_io() -> None:
     reference = RefusedReference(ErrorCode.TOO_LARGE, "the file is larger than 10 bytes", "big.jpg")
     assert not sources.needs_slot(reference)
     with pytest.raises(ItemError) as caught:
-        asyncio.run(sources.read(reference))
+        asyncio.run(sources.load(reference))
     assert (caught.value.code, str(reference)) == (ErrorCode.TOO_LARGE, "big.jpg")

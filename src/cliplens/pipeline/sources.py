@@ -109,9 +109,6 @@ class LocalDirectorySource:
             raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} is not a regular file")
         return _file_identity(path, status)
 
-    def read(self, name: str) -> bytes:
-        return self.load(name).data
-
     def load(self, name: str) -> Content:
         """Read the file and the identity of what was read (blocking: call it off the event loop).
 
@@ -227,9 +224,6 @@ class GcsSource:
         self.timeout_s = timeout_s
         self.retries = retries
         self.on_retry = on_retry
-
-    async def read(self, reference: GcsReference, deadline: float | None = None) -> bytes:
-        return (await self.load(reference, deadline)).data
 
     async def load(self, reference: GcsReference, deadline: float | None = None) -> Content:
         """The object's bytes and generation; `deadline` (time.monotonic) bounds every attempt and
@@ -391,9 +385,6 @@ class ImageSources:
         if isinstance(reference, LocalReference):
             return await asyncio.to_thread(self._local().identify, reference.name)
         return await self._gcs().identify(reference, deadline)
-
-    async def read(self, reference: Reference, deadline: float | None = None) -> bytes:
-        return (await self.load(reference, deadline)).data
 
     async def load(self, reference: Reference, deadline: float | None = None) -> Content:
         if isinstance(reference, RefusedReference):
