@@ -1,8 +1,9 @@
 """create_app(settings) -> Litestar. Wiring only: routes, plugins, lifespan.
 
-The HTTP server span comes from Litestar's own OpenTelemetry plugin (no separate send/receive
-spans; probes and /metrics are not traced), on this app's TracerProvider; the stage spans the
-pipeline creates are its children.
+The HTTP server span and the HTTP request metric come from Litestar's own OpenTelemetry plugin
+(no separate send/receive spans; probes and /metrics are neither traced nor counted), on this
+app's tracer and meter providers (telemetry/http.py: stable conventions, spans named by route
+template); the stage spans the pipeline creates are its children.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
-from opentelemetry.metrics import NoOpMeterProvider
 
 from cliplens import __version__
 from cliplens.api.auth import require_token
@@ -26,6 +26,7 @@ from cliplens.api.models import list_models, retrieve_model
 from cliplens.api.requests import CliplensRequest
 from cliplens.runtime import Runtime
 from cliplens.settings import Settings
+from cliplens.telemetry.http import opt_into_stable_conventions, route_details
 
 UNTRACED_PATHS = ["^/metrics", "^/healthz", "^/readyz"]
 
@@ -37,6 +38,7 @@ def create_app(
 ) -> Litestar:
     """Build the app; `on_fatal` is called if the model cannot be loaded (the CLI exits then),
     `on_ready` once it is loaded and warm (the server settles its heap then)."""
+    opt_into_stable_conventions()
     runtime = Runtime(settings, on_fatal=on_fatal, on_ready=on_ready)
 
     @asynccontextmanager
@@ -52,7 +54,8 @@ def create_app(
 
     tracing = OpenTelemetryConfig(
         tracer_provider=runtime.tracer_provider,
-        meter_provider=NoOpMeterProvider(),
+        meter_provider=runtime.meter_provider,
+        scope_span_details_extractor=route_details,
         exclude=UNTRACED_PATHS,
         exclude_spans=["receive", "send"],
     )
