@@ -10,6 +10,11 @@ A source also says *which* bytes it read (`Content.identity`) and can tell which
 names now without reading them (`identify`): a GCS object's generation, a file's inode, size and
 mtime. The embedding cache keys on that (pipeline/cache.py); inline bytes have no identity but
 themselves.
+
+What a source asks of storage is recorded, for the traces, in the `calls` list the caller passes
+(the item's `StageTiming.calls`): one `ClientCall` per HTTP attempt (retries included) and per file
+read, plain data that telemetry/stages.py turns into child spans of the stage span. Nothing here
+holds a tracer.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from cliplens.pipeline.references import (
     validate_bucket,
     validate_object_name,
 )
+from cliplens.telemetry.stages import ClientCall
 from cliplens.vocabulary import ErrorCode, ItemError
 
 log = logging.getLogger(__name__)
@@ -109,12 +115,23 @@ class LocalDirectorySource:
             raise ItemError(ErrorCode.NOT_FOUND, f"{name!r} is not a regular file")
         return _file_identity(path, status)
 
-    def load(self, name: str) -> Content:
-        """Read the file and the identity of what was read (blocking: call it off the event loop).
+    def load(self, name: str, calls: list[ClientCall] | None = None) -> Content:
+        """Read the file and the identity of what was read (blocking: call it off the event loop);
+        the read is recorded in `calls`."""
+        call = ClientCall.file_read()
+        if calls is not None:
+            calls.append(call)
+        try:
+            return self._read(name, call)
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            call.end()
 
-        Only a regular file is read: opened without blocking (a FIFO would otherwise hang the
-        thread for good) and without following a symlink swapped in after `resolve`.
-        """
+    def _read(self, name: str, call: ClientCall) -> Content:
+        """Only a regular file is read: opened without blocking (a FIFO would otherwise hang the
+        thread for good) and without following a symlink swapped in after `resolve`."""
         path = self.resolve(name)
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -132,6 +149,7 @@ class LocalDirectorySource:
                 raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
             with os.fdopen(fd, "rb", closefd=False) as handle:
                 data = handle.read(self.max_bytes + 1)
+            call.received(len(data))
         finally:
             os.close(fd)
         if len(data) > self.max_bytes:
@@ -174,13 +192,17 @@ class _BoundedErrorBodies:
     message, before any byte cap of ours applies: a storage endpoint (or a proxy in front of it)
     answering 5xx with an endless body would be buffered for as long as the download timeout.
     Here the error is raised from the first `_ERROR_BODY_BYTES`, and the connection is closed.
+    One is made per attempt: it is where the request's URL and status are seen, for `call`.
     """
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, call: ClientCall) -> None:
         self._session = session
+        self._call = call
 
     async def get(self, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        self._call.sent(url)  # gcloud-aio passes the query apart, as `params`
         response = await self._session.get(url, **kwargs)
+        self._call.answered(response.status)
         if response.status < 400:
             return response
         try:
@@ -219,30 +241,36 @@ class GcsSource:
         else:
             root = emulator_host if "://" in emulator_host else f"http://{emulator_host}"
             self.storage = Storage(session=session, api_root=root, api_is_dev=True)  # type: ignore[arg-type]
-        self.downloads = _BoundedErrorBodies(session)
+        self.session = session
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.retries = retries
         self.on_retry = on_retry
 
-    async def load(self, reference: GcsReference, deadline: float | None = None) -> Content:
+    async def load(
+        self, reference: GcsReference, deadline: float | None = None, calls: list[ClientCall] | None = None
+    ) -> Content:
         """The object's bytes and generation; `deadline` (time.monotonic) bounds every attempt and
-        every backoff."""
-        return await self._retrying(reference, deadline, self._read_once)
+        every backoff; each attempt is recorded in `calls`."""
+        return await self._retrying(reference, deadline, self._read_once, calls)
 
-    async def identify(self, reference: GcsReference, deadline: float | None = None) -> Identity | None:
+    async def identify(
+        self, reference: GcsReference, deadline: float | None = None, calls: list[ClientCall] | None = None
+    ) -> Identity | None:
         """The object's current generation, from its metadata (a few hundred bytes, not the object):
         an overwrite makes a new one, a deleted object is `not_found`. None when the answer names
         no generation (a storage stand-in that serves downloads only): the object is then loaded."""
-        return await self._retrying(reference, deadline, self._generation_once)
+        return await self._retrying(reference, deadline, self._generation_once, calls)
 
     async def _retrying(
         self,
         reference: GcsReference,
         deadline: float | None,
-        once: Callable[[GcsReference, float], Awaitable[_R]],
+        once: Callable[[GcsReference, float, ClientCall], Awaitable[_R]],
+        calls: list[ClientCall] | None,
     ) -> _R:
-        """`once(reference, timeout_s)`, retried as the class docstring says.
+        """`once(reference, timeout_s, call)`, retried as the class docstring says, each attempt
+        recorded in `calls` (and a retried one with the reason and the backoff chosen).
 
         The names are validated again here, whoever built the reference: gcloud-aio puts the bucket
         into the URL unescaped, so a bucket with `/`, `?` or `#` would read another object.
@@ -257,10 +285,16 @@ class GcsSource:
             hinted = exc.retry_after_s if isinstance(exc, _Transient) else None
             return max(backoff, hinted or 0.0)
 
+        attempts: list[ClientCall] = [] if calls is None else calls
+
         def count(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            if self.on_retry is not None and isinstance(exc, _Transient):
+            if not isinstance(exc, _Transient):
+                return
+            if self.on_retry is not None:
                 self.on_retry(exc.reason)
+            if attempts and state.next_action is not None:
+                attempts[-1].retried(exc.reason, state.next_action.sleep)
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Transient),
@@ -275,20 +309,30 @@ class GcsSource:
                     remaining = self.timeout_s if deadline is None else deadline - time.monotonic()
                     if remaining <= 0:
                         raise ItemError(ErrorCode.TIMEOUT, f"no time left to download {reference}")
-                    return await once(reference, min(self.timeout_s, remaining))
+                    call = ClientCall.http("GET", resend_count=attempt.retry_state.attempt_number - 1)
+                    attempts.append(call)
+                    try:
+                        return await once(reference, min(self.timeout_s, remaining), call)
+                    except BaseException as exc:
+                        call.fail(exc)
+                        raise
+                    finally:
+                        call.end()
         except _Transient as exc:
             code = ErrorCode.TIMEOUT if exc.reason == "timeout" else ErrorCode.STORAGE_UNAVAILABLE
             raise ItemError(code, exc.message) from None
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _generation_once(self, reference: GcsReference, timeout_s: float) -> Identity | None:
-        with _storage_errors(reference, timeout_s):
+    async def _generation_once(
+        self, reference: GcsReference, timeout_s: float, call: ClientCall
+    ) -> Identity | None:
+        with _storage_errors(reference, timeout_s, call):
             try:
                 metadata = await self.storage.download_metadata(
                     reference.bucket,
                     reference.name,
                     timeout=timeout_s,  # type: ignore[arg-type]
-                    session=self.downloads,  # type: ignore[arg-type]
+                    session=_BoundedErrorBodies(self.session, call),  # type: ignore[arg-type]
                 )
             except ValueError:  # not JSON
                 return None
@@ -297,26 +341,35 @@ class GcsSource:
             return None
         return ("gcs", reference.bucket, reference.name, int(generation))
 
-    async def _read_once(self, reference: GcsReference, timeout_s: float) -> Content:
-        with _storage_errors(reference, timeout_s):
+    async def _read_once(self, reference: GcsReference, timeout_s: float, call: ClientCall) -> Content:
+        with _storage_errors(reference, timeout_s, call):
             stream = await self.storage.download_stream(
                 reference.bucket,
                 reference.name,
                 timeout=timeout_s,  # type: ignore[arg-type]
-                session=self.downloads,  # type: ignore[arg-type]
+                session=_BoundedErrorBodies(self.session, call),  # type: ignore[arg-type]
             )
             async with stream as response:
                 if stream.content_length > self.max_bytes:
                     raise ItemError(ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes")
+                # the body's size on the wire: what was read, unless it came compressed
+                plain = response.headers.get("Content-Encoding", "identity").lower() == "identity"
                 chunks: list[bytes] = []
                 received = 0
-                while chunk := await stream.read(_CHUNK):
-                    received += len(chunk)
-                    if received > self.max_bytes:
-                        raise ItemError(
-                            ErrorCode.TOO_LARGE, f"the object is larger than {self.max_bytes} bytes (decoded)"
-                        )
-                    chunks.append(chunk)
+                try:
+                    while chunk := await stream.read(_CHUNK):
+                        received += len(chunk)
+                        if received > self.max_bytes:
+                            raise ItemError(
+                                ErrorCode.TOO_LARGE,
+                                f"the object is larger than {self.max_bytes} bytes (decoded)",
+                            )
+                        chunks.append(chunk)
+                finally:
+                    if plain:
+                        call.received(received)
+                if not plain and stream.content_length:
+                    call.received(stream.content_length)
                 generation = response.headers.get("x-goog-generation", "")
         if not generation.isdigit():  # every GCS download carries it; without it, no identity
             return Content(b"".join(chunks))
@@ -324,17 +377,21 @@ class GcsSource:
 
 
 @contextlib.contextmanager
-def _storage_errors(reference: GcsReference, timeout_s: float) -> Iterator[None]:
-    """Storage's answers and failures as the vocabulary's errors (`_Transient` where worth a retry)."""
+def _storage_errors(reference: GcsReference, timeout_s: float, call: ClientCall) -> Iterator[None]:
+    """Storage's answers and failures as the vocabulary's errors (`_Transient` where worth a retry);
+    what failed, before it is translated, on `call` (a status answered is already there)."""
     try:
         yield
     except aiohttp.ClientResponseError as exc:
+        call.fail(str(exc.status))
         raise _from_status(exc.status, reference, _retry_after(exc.headers)) from None
-    except TimeoutError:
+    except TimeoutError as exc:
+        call.fail(exc)
         raise _Transient(
             ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
+        call.fail(exc)
         raise _Transient(
             ErrorCode.STORAGE_UNAVAILABLE,
             f"storage did not answer for {reference}: {type(exc).__name__}",
@@ -378,15 +435,22 @@ class ImageSources:
         return isinstance(reference, (GcsReference, LocalReference))
 
     async def identify(
-        self, reference: GcsReference | LocalReference, deadline: float | None = None
+        self,
+        reference: GcsReference | LocalReference,
+        deadline: float | None = None,
+        calls: list[ClientCall] | None = None,
     ) -> Identity | None:
-        """Which bytes the reference names now (GCS: a metadata request; local: a stat); None when
-        storage cannot say."""
+        """Which bytes the reference names now (GCS: a metadata request, recorded in `calls`; local:
+        a stat, not recorded); None when storage cannot say."""
         if isinstance(reference, LocalReference):
             return await asyncio.to_thread(self._local().identify, reference.name)
-        return await self._gcs().identify(reference, deadline)
+        return await self._gcs().identify(reference, deadline, calls)
 
-    async def load(self, reference: Reference, deadline: float | None = None) -> Content:
+    async def load(
+        self, reference: Reference, deadline: float | None = None, calls: list[ClientCall] | None = None
+    ) -> Content:
+        """The reference's bytes; what is asked of storage (downloads, file reads) is recorded in
+        `calls`, bytes already in memory (inline, data: URIs) are not."""
         if isinstance(reference, RefusedReference):
             raise ItemError(reference.code, reference.message)
         if isinstance(reference, DataUriReference):
@@ -397,8 +461,8 @@ class ImageSources:
                 raise ItemError(ErrorCode.TOO_LARGE, f"the image is larger than {self.max_bytes} bytes")
             return Content(reference.data)
         if isinstance(reference, LocalReference):
-            return await asyncio.to_thread(self._local().load, reference.name)
-        return await self._gcs().load(reference, deadline)
+            return await asyncio.to_thread(self._local().load, reference.name, calls)
+        return await self._gcs().load(reference, deadline, calls)
 
     def _local(self) -> LocalDirectorySource:
         if self.local is None:

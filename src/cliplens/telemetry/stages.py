@@ -1,34 +1,78 @@
 """Stage timing: the one place where cliplens measures time.
 
-Every stage boundary an image crosses is stamped here once, with the monotonic clock, and that
+Every stage boundary an item crosses is stamped here once, with the monotonic clock, and that
 single measurement feeds all three sinks, so they can never disagree:
 
 - the Prometheus histograms (per image as soon as the stage ends; per request at the end),
 - the OpenTelemetry spans (one span per stage and request, created from the recorded stamps,
-  with one `image` event per image carrying its reference, work and wait times),
+  with one event per item, named by its modality: `image` or `text`),
 - the `Server-Timing` header (the same per-request stage windows, in milliseconds).
 
-A `StageTiming` is one image in one stage: `queued` when it is handed to the stage, `start` when
+A `StageTiming` is one item in one stage: `queued` when it is handed to the stage, `start` when
 a worker (download slot, CPU thread, model batch) picks it up, `end` when it is done. Stamps are
 plain attribute writes, so worker threads may start and end timings the event loop created.
+
+**Calls to storage.** What a stage asks of the world outside (each HTTP attempt to GCS, each read
+of a local file) is a `ClientCall` the source records in the item's timing (`StageTiming.calls`):
+plain data stamped with `now()`, no tracer and no context, so `pipeline/sources.py` stays free of
+either. `finish` makes each ended call a child span of its stage span (`load` for downloads,
+`cache` for GCS metadata), with OpenTelemetry's stable HTTP client conventions: kind CLIENT, named
+by the method (`GET`), `http.request.method`, `server.address`, `server.port`, `url.full`,
+`http.response.status_code` when an answer came, `http.request.resend_count` on retries only,
+`http.response.body.size` for downloads (bytes on the wire; left out for a compressed body sent
+without a length), and on failure `error.type` (the status code, the exception's class, or the
+vocabulary's code when cliplens itself stopped the download, e.g. `too_large`) with status ERROR.
+A failed attempt that is retried carries a `retry` event: `cliplens.retry.reason` (the label of
+`cliplens_download_retries_total`) and `cliplens.retry.backoff_ms` (the wait chosen). `url.full`
+is the object's URL without its query string (which only says `alt=media` or `alt=json`) and
+never carries credentials (GCS takes a bearer header); the object name in it is the reference the
+item event already carries. A local read is an INTERNAL span `read file` with `file.size`; its
+path is left out: the reference is already in the item event, and the absolute path would only
+add the server's directory layout.
+
+**No user text.** An image's event carries its reference (`cliplens.image.ref`, what the client
+named, cut to 256 characters). A text's event never carries the text: `cliplens.text.length`
+(characters) and `cliplens.text.sha256` (the first 16 hex digits of the SHA-256 of its UTF-8
+bytes, as embedded) let an operator tell texts apart and find repeats without reading them; only
+`CLIPLENS_TRACE_TEXT=1` adds `cliplens.text.content`. A short or common text can still be guessed
+from its hash by trying candidates: the hash is a correlation handle, not an anonymisation. The
+tokenising and the cache lookup of a text request handle all its texts at once: their one event
+has `cliplens.text.count` instead. A stage span counts its items in `cliplens.images` or
+`cliplens.texts`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import (
+    HTTP_REQUEST_METHOD,
+    HTTP_REQUEST_RESEND_COUNT,
+    HTTP_RESPONSE_STATUS_CODE,
+)
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
+from opentelemetry.semconv.attributes.url_attributes import URL_FULL
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 
 from cliplens.telemetry.metrics import Metrics
 from cliplens.vocabulary import ErrorCode, ItemError, Modality, Stage
 
 _MAX_REF_CHARS = 256
+HTTP_RESPONSE_BODY_SIZE = "http.response.body.size"
+"""Not yet stable in the conventions (so not in `opentelemetry.semconv.attributes`)."""
+FILE_SIZE = "file.size"
+"""Not yet stable in the conventions either."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+Attribute = str | int | float
 _SUMMED_ATTRIBUTES = {
     "bytes": "cliplens.bytes",
     "hits": "cliplens.cache.hits",
@@ -60,8 +104,86 @@ def now() -> int:
 
 
 @dataclass(eq=False, slots=True)
+class ClientCall:
+    """One call a stage made outside cliplens (an HTTP attempt, a file read), recorded as plain
+    data by the source and made a child span of the stage span by `RequestTimeline.finish`.
+
+    Its methods name the conventions' attributes, so a source only says what happened. A worker
+    thread may record one: `end` is its last write, and a call not ended when its request finishes
+    (a read still running in its thread after the deadline) is not emitted.
+    """
+
+    name: str
+    kind: SpanKind
+    started_ns: int = field(default_factory=now)
+    ended_ns: int | None = None
+    attributes: dict[str, Attribute] = field(default_factory=dict)
+    events: list[tuple[str, int, dict[str, Attribute]]] = field(default_factory=list)
+    error_type: str | None = None
+
+    @classmethod
+    def http(cls, method: str, resend_count: int = 0) -> ClientCall:
+        """An HTTP request attempt beginning now; `resend_count` is how many went before it."""
+        call = cls(method, SpanKind.CLIENT, attributes={HTTP_REQUEST_METHOD: method})
+        if resend_count:  # the conventions set it on retries only
+            call.attributes[HTTP_REQUEST_RESEND_COUNT] = resend_count
+        return call
+
+    @classmethod
+    def file_read(cls) -> ClientCall:
+        """A read of a local file beginning now."""
+        return cls("read file", SpanKind.INTERNAL)
+
+    def sent(self, url: str) -> None:
+        """The request goes out now, to `url` (no query string, no credentials): the span starts
+        here, not where the attempt began, so that preparing it (an auth token) is not counted."""
+        self.started_ns = now()
+        parts = urlsplit(url)
+        self.attributes[URL_FULL] = url
+        self.attributes[SERVER_ADDRESS] = parts.hostname or ""
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+        if port is not None:
+            self.attributes[SERVER_PORT] = port
+
+    def answered(self, status: int) -> None:
+        """The response's status line arrived; 4xx and 5xx fail the call."""
+        self.attributes[HTTP_RESPONSE_STATUS_CODE] = status
+        if status >= 400:
+            self.fail(str(status))
+
+    def received(self, body_bytes: int) -> None:
+        """Bytes of the response body (HTTP) or of the file (read) that came in."""
+        self.attributes[HTTP_RESPONSE_BODY_SIZE if self.kind is SpanKind.CLIENT else FILE_SIZE] = body_bytes
+
+    def retried(self, reason: str, backoff_s: float) -> None:
+        """The failure is retried after `backoff_s`; stamped when this attempt ended."""
+        at = now() if self.ended_ns is None else self.ended_ns
+        attributes: dict[str, Attribute] = {
+            "cliplens.retry.reason": reason,
+            "cliplens.retry.backoff_ms": round(backoff_s * 1e3, 3),
+        }
+        self.events.append(("retry", at, attributes))
+
+    def fail(self, cause: BaseException | str) -> None:
+        """Record why the call failed (the first cause wins): a status code or other low-cardinality
+        name, the vocabulary's code of an ItemError, else the exception's class."""
+        if self.error_type is not None:
+            return
+        if isinstance(cause, str):
+            self.error_type = cause
+        elif isinstance(cause, ItemError):
+            self.error_type = cause.code.value
+        else:
+            self.error_type = type(cause).__qualname__
+
+    def end(self) -> None:
+        if self.ended_ns is None:
+            self.ended_ns = now()
+
+
+@dataclass(eq=False, slots=True)
 class StageTiming:
-    """One image in one stage: when it was queued, started and ended, and how it ended."""
+    """One item in one stage: when it was queued, started and ended, and how it ended."""
 
     stage: Stage
     index: int
@@ -72,8 +194,10 @@ class StageTiming:
     started_ns: int | None = None
     ended_ns: int | None = None
     error: ItemError | None = None
-    attributes: dict[str, str | int | float] = field(default_factory=dict)
+    attributes: dict[str, Attribute] = field(default_factory=dict)
     link: SpanContext | None = None
+    calls: list[ClientCall] = field(default_factory=list)
+    """What the stage asked of storage for this item, in order (one entry per attempt)."""
 
     def start(self, at: int | None = None) -> None:
         """A worker picked the image up: the wait is over, the work begins."""
@@ -142,11 +266,21 @@ class RequestTimeline:
 
     The per-stage histograms describe images; a text request still gets its spans, Server-Timing
     and `cliplens_request_seconds{modality="text"}`, but leaves the image stage families alone.
+    `trace_text` (`CLIPLENS_TRACE_TEXT`) puts each text itself in its events, see the module docstring.
     """
 
-    def __init__(self, metrics: Metrics, modality: Modality, request_span: SpanContext | None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        modality: Modality,
+        request_span: SpanContext | None,
+        trace_text: bool = False,
+    ) -> None:
         self._metrics = metrics
         self._modality = modality
+        self._trace_text = trace_text
+        self._prefix = f"cliplens.{modality.value}."
+        """Of every item event attribute: `cliplens.image.` or `cliplens.text.`."""
         self._request_span = request_span
         self._exemplar = exemplar_for(request_span)
         self._clock = _WallClock()
@@ -154,11 +288,28 @@ class RequestTimeline:
         self.started_ns = now()
 
     def enter(self, index: int, stage: Stage, reference: str) -> StageTiming:
-        """The image at `index` is handed to `stage` now."""
+        """The item at `index` is handed to `stage` now; `reference` is what the client sent for it
+        (an image's reference, or the text itself, which is kept only with `trace_text`)."""
+        if self._modality is Modality.IMAGE:
+            return self._enter(index, stage, reference[:_MAX_REF_CHARS])
+        timing = self._enter(index, stage, reference if self._trace_text else "")
+        timing.attributes["length"] = len(reference)
+        digest = hashlib.sha256(reference.encode("utf-8", "surrogatepass"))
+        timing.attributes["sha256"] = digest.hexdigest()[:16]
+        return timing
+
+    def enter_all(self, stage: Stage, count: int) -> StageTiming:
+        """All `count` items are handed to `stage` at once (a text request's tokenising, its cache
+        lookup): one timing at index 0 that counts them instead of naming one."""
+        timing = self._enter(0, stage, "")
+        timing.attributes["count"] = count
+        return timing
+
+    def _enter(self, index: int, stage: Stage, reference: str) -> StageTiming:
         timing = StageTiming(
             stage=stage,
             index=index,
-            reference=reference[:_MAX_REF_CHARS],
+            reference=reference,
             queued_ns=now(),
             _metrics=self._metrics if self._modality is Modality.IMAGE else None,
             _exemplar=self._exemplar,
@@ -216,25 +367,24 @@ class RequestTimeline:
             span.end(end_time=self._clock.wall(last_ns))
             return
         failures = [t for t in timings if t.error is not None]
-        span.set_attribute("cliplens.images", len(timings))
+        items = sum(int(t.attributes.get("count", 1)) for t in timings)
+        span.set_attribute(f"cliplens.{self._modality.value}s", items)
         span.set_attribute("cliplens.failed", len(failures))
         for attribute, total in _SUMMED_ATTRIBUTES.items():  # the items' counts, summed on the span
             counts = [int(t.attributes[attribute]) for t in timings if attribute in t.attributes]
             if counts:
                 span.set_attribute(total, sum(counts))
+        lags = [float(t.attributes["loop_lag_ms"]) for t in timings if "loop_lag_ms" in t.attributes]
+        if lags:  # the event loop was late while these items loaded: the worst, on the stage span
+            span.set_attribute("cliplens.loop_lag_ms", max(lags))
         for timing in timings:
-            attributes: dict[str, str | int | float] = {
-                "cliplens.image.index": timing.index,
-                "cliplens.image.ref": timing.reference,
-                "cliplens.image.work_ms": round(timing.work_ms, 3),
-                "cliplens.image.queue_ms": round(timing.queue_ms, 3),
-            }
-            attributes.update({f"cliplens.image.{k}": v for k, v in timing.attributes.items()})
-            if timing.error is not None:
-                attributes["cliplens.image.error"] = timing.error.code.value
-                attributes["cliplens.image.error_message"] = timing.error.message
             assert timing.ended_ns is not None
-            span.add_event("image", attributes, timestamp=self._clock.wall(timing.ended_ns))
+            span.add_event(
+                self._modality.value,
+                self._event_attributes(timing),
+                timestamp=self._clock.wall(timing.ended_ns),
+            )
+        self._emit_calls(tracer, span, timings)
         if failures:
             codes = sorted({t.error.code.value for t in failures if t.error is not None})
             span.set_status(
@@ -243,6 +393,46 @@ class RequestTimeline:
                 )
             )
         span.end(end_time=self._clock.wall(last_ns))
+
+    def _event_attributes(self, timing: StageTiming) -> dict[str, Attribute]:
+        """The item event: its index, work and wait, its stage's own attributes and its error; an
+        image's reference, a text itself only with `trace_text`."""
+        prefix = self._prefix
+        attributes: dict[str, Attribute] = {f"{prefix}index": timing.index}
+        if self._modality is Modality.IMAGE:
+            attributes[f"{prefix}ref"] = timing.reference
+        elif timing.reference:  # kept by `enter` only with trace_text
+            attributes[f"{prefix}content"] = timing.reference
+        attributes[f"{prefix}work_ms"] = round(timing.work_ms, 3)
+        attributes[f"{prefix}queue_ms"] = round(timing.queue_ms, 3)
+        attributes.update({f"{prefix}{k}": v for k, v in timing.attributes.items()})
+        if timing.error is not None:
+            attributes[f"{prefix}error"] = timing.error.code.value
+            attributes[f"{prefix}error_message"] = timing.error.message
+        return attributes
+
+    def _emit_calls(self, tracer: Tracer, stage_span: Span, timings: Sequence[StageTiming]) -> None:
+        """Each ended call of these items, as a child span of their stage span."""
+        context: Context | None = None
+        for timing in timings:
+            for call in list(timing.calls):  # a list a worker thread may still append to
+                if call.ended_ns is None:
+                    continue
+                if context is None:
+                    context = trace.set_span_in_context(stage_span)
+                child = tracer.start_span(
+                    call.name,
+                    context=context,
+                    kind=call.kind,
+                    start_time=self._clock.wall(call.started_ns),
+                    attributes=call.attributes,
+                )
+                for name, at, attributes in call.events:
+                    child.add_event(name, attributes, timestamp=self._clock.wall(at))
+                if call.error_type is not None:
+                    child.set_attribute(ERROR_TYPE, call.error_type)
+                    child.set_status(Status(StatusCode.ERROR))
+                child.end(end_time=self._clock.wall(call.ended_ns))
 
 
 class BatchTiming:
