@@ -19,6 +19,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# `.` = the server only; the GPU variant builds `.[gpu]` (NVML, for the GPU gauges).
+ARG PACKAGE=.
 # torch first, from the chosen wheel index, so that installing the project finds it satisfied.
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch torchvision
 COPY pyproject.toml README.md ./
@@ -27,7 +29,7 @@ COPY src ./src
 # matplotlib, fake GCS) is not in the image; the compose `photos` step's corpus generator needs none of it.
 # /data: where the compose stack's one-shot `photos` step writes the sample corpus;
 # ~/.cache: open_clip / Hugging Face weights (a named volume in compose, so they download once).
-RUN pip install . \
+RUN pip install "${PACKAGE}" \
     && useradd --create-home --uid 10001 cliplens \
     && mkdir -p /data /home/cliplens/.cache \
     && chown cliplens:cliplens /data /home/cliplens/.cache

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from opentelemetry.sdk.trace import SpanProcessor
 
 from cliplens.pipeline.service import EmbeddingService
+from cliplens.pipeline.storage_health import StorageStatus
 from cliplens.settings import Settings
+from cliplens.telemetry.http import build_meter_provider
+from cliplens.telemetry.loop import LoopLagMonitor
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.tracing import build_tracer_provider, start_export
 from cliplens.vocabulary import NotReady, ShuttingDown
@@ -35,7 +38,8 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics(extremes_window_s=settings.extremes_window_s)
-        self.tracer_provider = build_tracer_provider(settings)
+        self.tracer_provider = build_tracer_provider()
+        self.meter_provider = build_meter_provider(self.metrics.registry)
         self.tracer = self.tracer_provider.get_tracer("cliplens")
         self.on_fatal = on_fatal
         self.on_ready = on_ready
@@ -43,11 +47,17 @@ class Runtime:
         self._service: EmbeddingService | None = None
         self._loading: asyncio.Task[None] | None = None
         self._processor: SpanProcessor | None = None
+        self.loop_lag = LoopLagMonitor(self.metrics)
         self.draining = False
 
     @property
     def ready(self) -> bool:
         return self._service is not None and not self.draining
+
+    @property
+    def storage_status(self) -> dict[str, StorageStatus]:
+        """Each configured storage source's last check; empty until the service has started."""
+        return dict(self._service.storage_health.status) if self._service is not None else {}
 
     def drain(self) -> None:
         """Start a graceful shutdown: readiness turns 503 and new work is refused from now on."""
@@ -71,6 +81,7 @@ class Runtime:
 
     async def start(self) -> None:
         self._processor = start_export(self.tracer_provider, self.settings)
+        self.loop_lag.start()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="cliplens-model-load")
 
     async def wait_ready(self) -> EmbeddingService:
@@ -81,7 +92,7 @@ class Runtime:
 
     async def _load(self) -> None:
         try:
-            service = await EmbeddingService.start(self.settings, self.tracer, self.metrics)
+            service = await EmbeddingService.start(self.settings, self.tracer, self.metrics, self.loop_lag)
             if self.on_ready is not None:
                 self.on_ready()
             self._service = service
@@ -89,7 +100,7 @@ class Runtime:
             raise
         except BaseException as exc:
             self.load_error = exc
-            log.critical("the model could not be loaded: %s", exc)
+            log.critical("the service could not start: %s", exc)
             if self.on_fatal is not None:
                 self.on_fatal(exc)
 
@@ -101,6 +112,8 @@ class Runtime:
         if self._service is not None:
             await self._service.close()
             self._service = None
+        await self.loop_lag.stop()
         self.tracer_provider.force_flush()
+        self.meter_provider.shutdown()
         if self._processor is not None:
             self._processor.shutdown()

@@ -38,6 +38,7 @@ import gc
 import logging
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -333,4 +334,6 @@ def serve(settings: Settings, host: str, port: int) -> int:
     # this one turns that into exit status 0, the status of a clean, requested shutdown.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run()
+    for failure in failures[:1]:
+        sys.stderr.write(f"cliplens: {failure}\n")
     return 1 if failures else 0

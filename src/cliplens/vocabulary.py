@@ -66,6 +66,8 @@ class ErrorCode(StrEnum):
     STORAGE_UNAVAILABLE = "storage_unavailable"
     TIMEOUT = "timeout"
     TEXT_TOO_LONG = "text_too_long"
+    INTERNAL = "internal"
+    """an unexpected failure in cliplens itself (a bug); logged with the trace id"""
 
 
 class ItemError(Exception):

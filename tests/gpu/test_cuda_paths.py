@@ -93,3 +93,19 @@ def test_the_service_embeds_on_the_gpu_with_gpu_decoding(settings: Settings) -> 
     assert model["device"].startswith("cuda")
     assert model["dtype"] in ("bfloat16", "float16")
     assert [d["index"] for d in body["data"]] == [0, 1, 2]
+
+
+def test_the_gpu_gauges_describe_the_device_the_model_runs_on(settings: Settings) -> None:
+    """On CUDA the service registers the GPU gauges; their numbers are the device's own."""
+    with running(dataclasses.replace(settings, device="cuda")) as client:
+        text = client.get("/metrics").text
+    index = str(torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(int(index)).total_memory
+    lines = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("cliplens_gpu_")
+    }
+    assert lines[f'cliplens_gpu_memory_total_bytes{{device="{index}"}}'] >= total * 0.99
+    assert 0 < lines[f'cliplens_gpu_model_memory_bytes{{device="{index}"}}'] <= total
+    assert 0 < lines[f'cliplens_gpu_memory_used_bytes{{device="{index}"}}'] <= total

@@ -1,6 +1,8 @@
 """A GCS stand-in on loopback that misbehaves on purpose, object by object.
 
-It speaks just enough of the JSON API for downloads (`GET /storage/v1/b/{bucket}/o/{object}?alt=media`),
+It speaks just enough of the JSON API for downloads (`GET /storage/v1/b/{bucket}/o/{object}?alt=media`)
+and for the service's start-up check of its bucket (`GET /storage/v1/b/{bucket}`: a bucket that any
+script or rule names exists, and answers the same way whatever the objects' scripts say),
 written on raw asyncio streams so that every byte on the wire is under the test's control: a 429
 with `Retry-After`, a 503, a body that stops half-way and resets the connection, a trickle, an
 object larger than the cap with or without `Content-Length`, a gzip-encoded body that inflates far
@@ -207,6 +209,8 @@ class FaultyGcs:
         method, target, _ = request_line.split(" ", 2)
         path = urlsplit(target).path
         parts = path.split("/")
+        if method == "GET" and len(parts) == 5 and parts[1:4] == ["storage", "v1", "b"]:
+            return await self._bucket(writer, unquote(parts[4]))
         # ['', 'storage', 'v1', 'b', bucket, 'o', object]
         if method != "GET" or len(parts) != 7 or parts[1:4] != ["storage", "v1", "b"] or parts[5] != "o":
             await self._status(writer, 400, None)
@@ -263,6 +267,19 @@ class FaultyGcs:
         await self._head(writer, 200, {"Transfer-Encoding": "chunked"})
         await self._endless(writer, key, b"\0" * step.chunk)
         return False
+
+    async def _bucket(self, writer: asyncio.StreamWriter, bucket: str) -> bool:
+        """The bucket's metadata, or 404 when no script or rule names it."""
+        with self._lock:
+            known = any(key.split("/", 1)[0] == bucket for key in (*self._scripts, *self._rules))
+        if not known:
+            await self._status(writer, 404, None)
+            return self.keep_alive
+        body = json.dumps({"kind": "storage#bucket", "name": bucket, "id": bucket}).encode()
+        await self._head(writer, 200, {"Content-Type": "application/json", "Content-Length": str(len(body))})
+        writer.write(body)
+        await writer.drain()
+        return self.keep_alive
 
     async def _endless(self, writer: asyncio.StreamWriter, key: str, piece: bytes) -> None:
         """Chunks of `piece` until the client hangs up (which ends the connection)."""

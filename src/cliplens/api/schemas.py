@@ -124,6 +124,16 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     error: ErrorDetail
 
 
+class StorageCheck(msgspec.Struct, kw_only=True):
+    up: bool
+    detail: str
+
+
 class Health(msgspec.Struct, kw_only=True):
     status: str
     detail: str | None = None
+
+
+class Readiness(Health, kw_only=True):
+    storage: dict[str, StorageCheck] = {}
+    """Each configured source's last check (pipeline/storage_health.py); empty until the first."""

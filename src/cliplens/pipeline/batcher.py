@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from opentelemetry.trace import SpanContext, Tracer
 
-from cliplens.machine import named_pool
 from cliplens.pipeline.model import LoadedModel
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.telemetry.metrics import Metrics
@@ -64,7 +63,7 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._upstream = 0
         self._wakeup = asyncio.Event()
-        self._thread = named_pool(1, "cliplens-model")
+        self._thread = metrics.pool(1, "model")
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from opentelemetry.trace import SpanContext, Tracer
 
-from cliplens.machine import named_pool, usable_cpus
+from cliplens.machine import usable_cpus
 from cliplens.pipeline.batcher import Batcher
 from cliplens.pipeline.budget import MemoryBudget, return_free_memory
 from cliplens.pipeline.cache import EmbeddingCache, content_key, model_fingerprint
@@ -46,7 +46,10 @@ from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.pipeline.references import GcsReference, LocalReference, Reference, ReferenceParser
 from cliplens.pipeline.sources import Content, GcsSource, ImageSources, LocalDirectorySource
+from cliplens.pipeline.storage_health import StorageHealth, require_image_root
 from cliplens.settings import Settings
+from cliplens.telemetry.device import GpuCollector
+from cliplens.telemetry.loop import LoopLagMonitor
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline, ServerTiming, StageTiming, exemplar_for
 from cliplens.vocabulary import (
@@ -69,6 +72,9 @@ IDLE_BEFORE_TRIM_S = 1.0
 malloc_trim holds the allocator's locks for up to a few hundred milliseconds, so every thread that
 allocates meanwhile, the event loop's included, waits it out. Trimming the moment the service goes
 idle did that between every two bursts of quick requests (cache hits): probes took 190 ms."""
+LATE_LOOP_S = 0.005
+"""A load during which the event loop was this late (or later) says so on its span event
+(`loop_lag_ms`): the image's download may look slow only because the loop was busy."""
 DRAIN_MARGIN_S = 1.0
 """On SIGTERM, in-flight work is cut this long before the grace period ends, so that every request
 still gets its answer (unfinished items: `timeout`) before the server stops waiting for it."""
@@ -114,6 +120,7 @@ class EmbeddingService:
         metrics: Metrics,
         http_session: aiohttp.ClientSession | None = None,
         cache: EmbeddingCache | None = None,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.settings = settings
         self.cache = cache
@@ -121,8 +128,8 @@ class EmbeddingService:
         self.tracer = tracer
         self.metrics = metrics
         self.cpu_workers = settings.cpu_workers or usable_cpus()
-        self.executor = named_pool(self.cpu_workers, "cliplens-cpu")
-        self.text_executor = named_pool(1, "cliplens-text")
+        self.executor = metrics.pool(self.cpu_workers, "cpu")
+        self.text_executor = metrics.pool(1, "text")
         """Texts are tokenised on their own lane, so they can never occupy every decode worker."""
         self.budget = MemoryBudget(settings.memory_budget_bytes, metrics.memory_reserved_bytes.set)
         metrics.memory_budget_bytes.set(settings.memory_budget_bytes)
@@ -130,7 +137,7 @@ class EmbeddingService:
         """Item tasks in flight (texts: one per request), which a drain cuts before its grace ends."""
         self._cut = False
         self._loop = asyncio.get_running_loop()
-        self._loop.set_default_executor(named_pool(min(32, self.cpu_workers + 4), "cliplens-io"))
+        self._loop.set_default_executor(metrics.pool(min(32, self.cpu_workers + 4), "io"))
         """File reads and base64 decoding (`asyncio.to_thread`): asyncio's default size, named."""
         self._body_bytes = 0
         """Bytes of the request bodies being served, part of `budget.used`."""
@@ -162,14 +169,22 @@ class EmbeddingService:
                 on_retry=lambda reason: metrics.download_retries_total.labels(reason).inc(),
             )
         self.sources = ImageSources(local, gcs, settings.max_image_bytes)
+        self.loop_lag = loop_lag
+        self.storage_health = StorageHealth(metrics, settings.image_root, gcs, settings.default_bucket)
+        self.storage_health.start()
         self.batcher = Batcher(
             model, self.preprocessor, tracer, metrics, settings.max_batch, settings.batch_wait_ms / 1000.0
         )
         self.batcher.start()
 
     @classmethod
-    async def start(cls, settings: Settings, tracer: Tracer, metrics: Metrics) -> EmbeddingService:
-        """Size torch's threads, load the model (off the event loop) and open the storage session."""
+    async def start(
+        cls, settings: Settings, tracer: Tracer, metrics: Metrics, loop_lag: LoopLagMonitor | None = None
+    ) -> EmbeddingService:
+        """Check the image directory, size torch's threads, load the model (off the event loop) and
+        open the storage session."""
+        if settings.image_root is not None:
+            require_image_root(settings.image_root)
         torch.set_num_threads(settings.torch_threads or usable_cpus())
         model = await asyncio.to_thread(load_model, settings)
         session = None
@@ -178,6 +193,9 @@ class EmbeddingService:
         metrics.model_info.labels(
             model.id, str(model.device), model.dtype_name, str(model.random_weights).lower()
         ).set(1)
+        if model.device.type == "cuda":
+            index = model.device.index if model.device.index is not None else torch.cuda.current_device()
+            metrics.registry.register(GpuCollector([index]))
         cache = None
         if settings.cache_bytes or settings.cache_url:
             fingerprint = await asyncio.to_thread(model_fingerprint, model, settings)
@@ -186,11 +204,12 @@ class EmbeddingService:
                 "embedding cache on",
                 extra={"tiers": cache.tiers, "bytes": settings.cache_bytes, "shared": cache.shared_url},
             )
-        return cls(settings, model, tracer, metrics, session, cache)
+        return cls(settings, model, tracer, metrics, session, cache, loop_lag)
 
     async def close(self) -> None:
         if self._trim is not None:
             self._trim.cancel()
+        await self.storage_health.stop()
         await self.batcher.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.text_executor.shutdown(wait=True, cancel_futures=True)
@@ -360,7 +379,7 @@ class EmbeddingService:
         self._admit(len(texts), body_bytes)
         if self.cache is not None and not read_cache:
             self.cache.bypass(len(texts))
-        timeline = RequestTimeline(self.metrics, Modality.TEXT, request)
+        timeline = RequestTimeline(self.metrics, Modality.TEXT, request, self.settings.trace_text)
         deadline = time.monotonic() + self.settings.request_timeout_s
         limit = self.settings.max_text_chars
         results: dict[int, ItemResult] = {}
@@ -399,7 +418,7 @@ class EmbeddingService:
         request: SpanContext,
         read_cache: bool,
     ) -> list[ItemResult]:
-        tokenize = timeline.enter(0, Stage.PREPROCESS, f"{len(texts)} texts")
+        tokenize = timeline.enter_all(Stage.PREPROCESS, len(texts))
         tokens = await self._on_cpu(
             tokenize, self.model.tokenize, [text for _, text in texts], executor=self.text_executor
         )
@@ -407,7 +426,7 @@ class EmbeddingService:
         keys: list[str] = []
         found: dict[int, np.ndarray] = {}
         if self.cache is not None:  # texts are keyed by their token ids, looked up in one batch
-            with timeline.enter(0, Stage.CACHE, f"{len(texts)} texts").working() as lookup:
+            with timeline.enter_all(Stage.CACHE, len(texts)).working() as lookup:
                 keys = [self.cache.key(content_key("text", row.tobytes())) for row in tokens.numpy()]
                 if read_cache:
                     answers = await self.cache.get_many(keys)
@@ -463,16 +482,25 @@ class EmbeddingService:
             return self.preprocessor(decoded.pixels)
 
     async def _load(self, timing: StageTiming, reference: Reference, deadline: float) -> Content:
+        try:
+            return await self._read(timing, reference, deadline)
+        finally:
+            if self.loop_lag is not None and timing.started_ns is not None and timing.ended_ns is not None:
+                late_s = self.loop_lag.worst_during(timing.started_ns, timing.ended_ns)
+                if late_s >= LATE_LOOP_S:
+                    timing.attributes["loop_lag_ms"] = round(late_s * 1e3, 1)
+
+    async def _read(self, timing: StageTiming, reference: Reference, deadline: float) -> Content:
         if not self.sources.needs_slot(reference):
             with timing.working():
-                content = await self.sources.load(reference)
+                content = await self.sources.load(reference, calls=timing.calls)
         else:
             async with self.download_slots:
                 # no new bytes come in while the budget is full; as this waits holding its slot,
                 # at most `max_downloads` reads are ever under way past a full budget
                 await self.budget.room()
                 with timing.working():
-                    content = await self.sources.load(reference, deadline)
+                    content = await self.sources.load(reference, deadline, timing.calls)
         timing.attributes["bytes"] = len(content.data)
         return content
 
@@ -485,7 +513,7 @@ class EmbeddingService:
         with timing.working():
             if content is None:
                 assert isinstance(reference, (GcsReference, LocalReference))
-                identity = await self.sources.identify(reference, deadline)
+                identity = await self.sources.identify(reference, deadline, timing.calls)
                 if identity is None:
                     return None, None
                 digest = content_key(*identity)
@@ -572,7 +600,7 @@ class EmbeddingService:
             if queued_for_model:
                 raise
             log.exception("unexpected failure in stage %s", timing.stage, extra={"index": index})
-            error = ItemError(ErrorCode.DECODE_FAILED, f"{timing.stage} failed: {exc}")
+            error = ItemError(ErrorCode.INTERNAL, f"{timing.stage} failed unexpectedly: {type(exc).__name__}")
             self._abandon(timing, error, queued_for_model)
             return ItemResult(index, label, error=error)
         finally:

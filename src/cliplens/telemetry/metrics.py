@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 
 from cliplens.telemetry.extremes import WindowedExtremes
+from cliplens.telemetry.threads import POOLS, MeteredPool, ThreadsCollector
 from cliplens.vocabulary import IMAGE_WORK_STAGES, ErrorCode, Modality, RequestErrorCode, Stage
 
 OUTCOMES: tuple[str, ...] = ("ok", *ErrorCode)
@@ -82,6 +83,7 @@ class Metrics:
         self.extremes.family("cliplens_request", "whole-request time", ["modality"])
         self.extremes.family("cliplens_requests_in_flight", "requests in flight", unit="")
         self.extremes.family("cliplens_images_in_flight", "images in flight", unit="")
+        self.extremes.family("cliplens_event_loop_lag", "event-loop lag")
         reg.register(self.extremes)
         self._in_flight = (0, 0)
         self.request_stage_seconds = Histogram(
@@ -223,7 +225,37 @@ class Metrics:
             ["tier"],
             registry=reg,
         )
+        self.storage_up = Gauge(
+            "cliplens_storage_up",
+            "1 if the storage source passed its last check (start-up, then every 30 s), else 0.",
+            ["source"],
+            registry=reg,
+        )
+        self.cpu_pool_busy_seconds = Counter(
+            "cliplens_cpu_pool_busy_seconds",
+            "Worker-seconds each pool spent running tasks; rate / cliplens_cpu_pool_workers = busy ratio.",
+            ["pool"],
+            registry=reg,
+        )
+        self.threads = ThreadsCollector()
+        reg.register(self.threads)
+        self.event_loop_lag_seconds = Histogram(
+            "cliplens_event_loop_lag_seconds",
+            "How late the event loop ran a task scheduled every 50 ms: time it was busy with other work.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self._initialise_series()
+
+    def pool(self, workers: int, name: str) -> MeteredPool:
+        """A worker pool of this app, its threads and busy time on the metrics (telemetry/threads.py)."""
+        pool = MeteredPool(workers, name, self.cpu_pool_busy_seconds)
+        self.threads.watch(pool)
+        return pool
+
+    def observe_loop_lag(self, seconds: float) -> None:
+        self.event_loop_lag_seconds.observe(seconds)
+        self.extremes.observe("cliplens_event_loop_lag", seconds)
 
     def observe_image_stage(
         self, stage: str, work_s: float | None, queue_s: float, exemplar: Exemplar
@@ -260,6 +292,8 @@ class Metrics:
             self.image_stage_seconds.labels(stage)
         for rejection in REJECTIONS:
             self.rejected_requests_total.labels(rejection)
+        for pool in POOLS:
+            self.cpu_pool_busy_seconds.labels(pool)
         for reason in RETRY_REASONS:
             self.download_retries_total.labels(reason)
         for outcome in OUTCOMES:
