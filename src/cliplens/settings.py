@@ -3,9 +3,10 @@
 `load_settings()` is the only place in cliplens that reads `os.environ`; everything else gets a
 `Settings` passed in, so tests build their own with `Settings(...)` or `dataclasses.replace`.
 Each field is read from `CLIPLENS_<FIELD NAME>` unless its annotation names other variables; an
-empty variable counts as unset. The `OTEL_*` variables listed here are read for the exporter, sampler
-and resource; any other `OTEL_EXPORTER_OTLP_*` variable (headers, certificates, compression) is
-honoured by the OpenTelemetry exporter itself.
+empty variable counts as unset. The `OTEL_*` variables listed here choose the exporter and where it
+sends; the OpenTelemetry SDK reads its other standard variables itself (the sampler, the resource
+and service name, `OTEL_SDK_DISABLED`, the exporter's headers, certificates and compression; see
+telemetry/tracing.py), and the HTTP instrumentation `OTEL_SEMCONV_STABILITY_OPT_IN`.
 
 Parsing is pydantic's, applied to the plain dataclass through a TypeAdapter: the constraints sit in
 each field's annotation, its booleans take 1/0 true/false yes/no on/off and its errors name the
@@ -38,15 +39,6 @@ def _env(*names: str) -> Any:
 
 def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _resource_attributes(raw: str) -> dict[str, str]:
-    attributes: dict[str, str] = {}
-    for pair in _csv(raw):
-        key, sep, value = pair.partition("=")
-        if sep and key.strip():
-            attributes[key.strip()] = value.strip()
-    return attributes
 
 
 _Lower = BeforeValidator(str.lower)
@@ -119,6 +111,8 @@ class Settings:
     """Longest wait for the next piece of a request body; then 408 and the connection is closed."""
     max_connections: Annotated[int, _AtLeastOne] = 1024
     """Open connections at most; one more is answered 429 `overloaded` at once and closed."""
+    ready_requires_storage: bool = False
+    """`/readyz` fails while the image directory or the default bucket fails its check (every 30 s)."""
     api_tokens: Annotated[tuple[str, ...], _Csv] = field(default=(), repr=False)
     """Bearer tokens accepted on the API routes, comma-separated; empty = no authentication."""
 
@@ -155,8 +149,6 @@ class Settings:
     log_level: Annotated[str, _Upper] = "INFO"
     """Level of the JSON log lines written to stderr."""
 
-    service_name: Annotated[str, _env("OTEL_SERVICE_NAME")] = "cliplens"
-    """`OTEL_SERVICE_NAME`: the service name traces are filed under."""
     otlp_endpoint: Annotated[str | None, _env("OTEL_EXPORTER_OTLP_ENDPOINT")] = None
     """`OTEL_EXPORTER_OTLP_ENDPOINT`: the collector's base URL (`/v1/traces` is added for HTTP)."""
     otlp_traces_endpoint: Annotated[str | None, _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")] = None
@@ -167,14 +159,12 @@ class Settings:
         _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
     ] = "http/protobuf"
     """`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL`."""
-    traces_sampler: Annotated[str, _Lower, _env("OTEL_TRACES_SAMPLER")] = "parentbased_always_on"
-    """`OTEL_TRACES_SAMPLER`, one of the SDK's standard sampler names."""
-    traces_sampler_arg: Annotated[float | None, _NotNegative, _env("OTEL_TRACES_SAMPLER_ARG")] = None
-    """`OTEL_TRACES_SAMPLER_ARG`: the ratio for the `traceidratio` samplers."""
-    resource_attributes: Annotated[
-        Mapping[str, str], BeforeValidator(_resource_attributes), _env("OTEL_RESOURCE_ATTRIBUTES")
-    ] = field(default_factory=dict)
-    """`OTEL_RESOURCE_ATTRIBUTES`: comma-separated `key=value` pairs."""
+    traces_exporter: Annotated[Literal["otlp", "console", "none"], _Lower, _env("OTEL_TRACES_EXPORTER")] = (
+        "otlp"
+    )
+    """`OTEL_TRACES_EXPORTER`: `otlp` (once an endpoint is set), `console` (stdout) or `none`."""
+    trace_text: bool = False
+    """`CLIPLENS_TRACE_TEXT=1`: span events carry each text itself (else only its length and a hash)."""
 
     @property
     def buckets(self) -> frozenset[str]:

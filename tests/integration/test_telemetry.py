@@ -43,14 +43,13 @@ def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str
 
 
 def test_stage_spans_reach_the_receiver_under_the_request_span(
-    settings: Settings, receiver: GrpcOtlpReceiver | HttpOtlpReceiver
+    settings: Settings, receiver: GrpcOtlpReceiver | HttpOtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     protocol: Literal["grpc", "http/protobuf"] = (
         "grpc" if isinstance(receiver, GrpcOtlpReceiver) else "http/protobuf"
     )
-    traced = dataclasses.replace(
-        settings, otlp_endpoint=receiver.endpoint, otlp_protocol=protocol, service_name="cliplens-test"
-    )
+    traced = dataclasses.replace(settings, otlp_endpoint=receiver.endpoint, otlp_protocol=protocol)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "cliplens-test")  # read by the OpenTelemetry SDK itself
     inputs = ["album/1/a.jpg", "album/nope.jpg", "album/2/c.jpg"]
     with running(traced) as client:
         response = client.post("/v1/embeddings", json={"input": inputs})
@@ -66,9 +65,11 @@ def test_stage_spans_reach_the_receiver_under_the_request_span(
     root = roots[0]
     assert root.service_name == "cliplens-test"
     by_name: dict[str, ReceivedSpan] = {s.name: s for s in in_trace}
-    assert sorted(by_name) == sorted([root.name, *Stage])
+    assert sorted(by_name) == sorted([root.name, *Stage, "read file"])
     for stage in Stage:
         assert by_name[stage].parent_span_id == root.span_id
+    reads = [s for s in in_trace if s.name == "read file"]  # one per file loaded, under `load`
+    assert len(reads) == 2 and {s.parent_span_id for s in reads} == {by_name["load"].span_id}
 
     # the embedding cache looks every file up first: the missing one fails there, before any load
     lookups = {e[2]["cliplens.image.ref"]: e[2] for e in by_name["cache"].events if e[0] == "image"}
@@ -170,9 +171,11 @@ def test_openmetrics_scrape_carries_trace_id_exemplars(settings: Settings) -> No
     assert exemplars == {response.headers["x-trace-id"]}
 
 
-def test_an_unsampled_request_records_metrics_without_exemplars(settings: Settings) -> None:
-    unsampled = dataclasses.replace(settings, traces_sampler="always_off")
-    with running(unsampled) as client:
+def test_an_unsampled_request_records_metrics_without_exemplars(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")  # read by the OpenTelemetry SDK itself
+    with running(settings) as client:
         response = client.post("/v1/embeddings", json={"input": ["album/1/a.jpg"]})
         scrape = client.get(
             "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}

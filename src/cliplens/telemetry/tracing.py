@@ -5,6 +5,15 @@ needs it when the app is assembled). The OTLP exporter and its batch span proces
 thread, are attached in the lifespan by `start_export` and flushed on shutdown, so a forked worker
 never inherits a dead exporter thread. With no endpoint configured nothing is exported, yet spans
 and trace ids still exist in-process (for `X-Trace-Id`, exemplars and log lines) at little cost.
+
+The OpenTelemetry SDK reads its own standard variables, and cliplens leaves them to it: the sampler
+(`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`), the resource (`OTEL_SERVICE_NAME`,
+`OTEL_RESOURCE_ATTRIBUTES`), `OTEL_SDK_DISABLED`, and the exporter's headers, certificates,
+compression and timeouts. What cliplens adds is only what the SDK does not do: `cliplens` as the
+service name where none is set, a `service.instance.id` that tells replicas apart, no export at all
+while no endpoint is set (the SDK would try localhost:4318 and log failures), and the choice of
+exporter from `OTEL_TRACES_EXPORTER` and the OTLP protocol (the SDK does that only under
+`opentelemetry-instrument`).
 """
 
 from __future__ import annotations
@@ -13,56 +22,40 @@ import logging
 import os
 import socket
 
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    DEFAULT_OFF,
-    DEFAULT_ON,
-    ParentBasedTraceIdRatio,
-    Sampler,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from cliplens.settings import Settings
 
 log = logging.getLogger(__name__)
+DEFAULT_SERVICE_NAME = "cliplens"
 
 
-def build_sampler(name: str, ratio: float | None) -> Sampler:
-    """The sampler for an `OTEL_TRACES_SAMPLER` name (the SDK's standard names)."""
-    fixed: dict[str, Sampler] = {
-        "always_on": ALWAYS_ON,
-        "always_off": ALWAYS_OFF,
-        "parentbased_always_on": DEFAULT_ON,
-        "parentbased_always_off": DEFAULT_OFF,
-    }
-    if name in fixed:
-        return fixed[name]
-    rate = 1.0 if ratio is None else min(max(ratio, 0.0), 1.0)
-    if name == "traceidratio":
-        return TraceIdRatioBased(rate)
-    if name == "parentbased_traceidratio":
-        return ParentBasedTraceIdRatio(rate)
-    raise ValueError(f"OTEL_TRACES_SAMPLER={name!r} is not a sampler cliplens knows")
+def build_resource() -> Resource:
+    """The SDK's resource (its detectors and variables), with cliplens' defaults where it has none."""
+    resource = Resource.create()
+    defaults: dict[str, str] = {}
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        defaults[SERVICE_NAME] = DEFAULT_SERVICE_NAME
+    if SERVICE_INSTANCE_ID not in resource.attributes:
+        # Replicas must be told apart in traces; Kubernetes sets this from the pod name, and
+        # recent SDKs default to a UUID; older ones (which cliplens still accepts) to nothing.
+        defaults[SERVICE_INSTANCE_ID] = f"{socket.gethostname()}-{os.getpid()}"
+    return resource.merge(Resource(defaults))
 
 
-def build_tracer_provider(settings: Settings) -> TracerProvider:
-    """A provider with the service's resource and sampler, and no processor yet."""
-    attributes: dict[str, str] = dict(settings.resource_attributes)
-    attributes["service.name"] = settings.service_name
-    # Replicas must be told apart in traces; Kubernetes sets this from the pod name.
-    attributes.setdefault("service.instance.id", f"{socket.gethostname()}-{os.getpid()}")
-    return TracerProvider(
-        resource=Resource.create(attributes),
-        sampler=build_sampler(settings.traces_sampler, settings.traces_sampler_arg),
-    )
+def build_tracer_provider() -> TracerProvider:
+    """A provider with the SDK's sampler and resource, and no processor yet."""
+    return TracerProvider(resource=build_resource())
 
 
 def build_exporter(settings: Settings) -> SpanExporter | None:
-    """The OTLP exporter the settings ask for, or None when no endpoint is set."""
+    """The exporter the settings ask for, or None (no endpoint set, or `OTEL_TRACES_EXPORTER=none`)."""
+    if settings.traces_exporter == "none":
+        return None
+    if settings.traces_exporter == "console":
+        return ConsoleSpanExporter()
     if settings.otlp_protocol == "grpc":
         endpoint = settings.otlp_traces_endpoint or settings.otlp_endpoint
         if endpoint is None:
