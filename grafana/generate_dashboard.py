@@ -16,6 +16,7 @@ minima and the maximum of the windowed maxima (exact; see src/cliplens/telemetry
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -170,7 +171,11 @@ def timeseries(
     repeat: str | None = None,
     max_per_row: int = 4,
     overrides: list[Json] | None = None,
+    stacked: bool = False,
 ) -> Json:
+    custom: Json = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 0, "showPoints": "never"}
+    if stacked:
+        custom |= {"fillOpacity": 30, "stacking": {"mode": "normal", "group": "A"}}
     panel: Json = {
         "type": "timeseries",
         "title": title,
@@ -182,7 +187,7 @@ def timeseries(
             "defaults": {
                 "unit": unit,
                 "min": 0,
-                "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 0, "showPoints": "never"},
+                "custom": custom,
             },
             "overrides": overrides if overrides is not None else [DASHED_EXTREMES],
         },
@@ -252,8 +257,27 @@ def stats_over_range(scope: Scope, title: str, description: str, width: int = 24
     }
 
 
-def row(title: str) -> Json:
-    return {"type": "row", "title": title, "collapsed": False, "panels": [], "gridPos": {"w": 24, "h": 1}}
+def right_axis(legend: str, unit: str) -> Json:
+    """Draws the series whose legend matches the regular expression `legend` on a right axis in `unit`."""
+    return {
+        "matcher": {"id": "byRegexp", "options": legend},
+        "properties": [{"id": "unit", "value": unit}, {"id": "custom.axisPlacement", "value": "right"}],
+    }
+
+
+def row(title: str, collapsed: list[Json] | None = None, repeat: str | None = None) -> Json:
+    """A row; given `collapsed`, a closed row holding those panels (Grafana queries them only once
+    the row is opened), and given `repeat`, one row per value of that variable."""
+    panel: Json = {
+        "type": "row",
+        "title": title,
+        "collapsed": collapsed is not None,
+        "panels": collapsed or [],
+        "gridPos": {"w": 24, "h": 1},
+    }
+    if repeat:
+        panel["repeat"] = repeat
+    return panel
 
 
 def load_row() -> list[Json]:
@@ -316,7 +340,8 @@ def load_row() -> list[Json]:
         timeseries(
             "Failed images per second, by error code",
             "not_found, forbidden, invalid_reference, too_large, unsupported_format and decode_failed "
-            "are the caller's; storage_unavailable and timeout are the service's or its storage's.",
+            "are the caller's; storage_unavailable and timeout are the service's or its storage's; "
+            "internal is an unexpected exception in the image's path (a bug: its trace has the error).",
             [
                 target(
                     "A",
@@ -770,6 +795,320 @@ def batch_rows() -> list[Json]:
     ]
 
 
+HTTP_DURATION = "http_server_request_duration_seconds"
+"""OpenTelemetry's stable HTTP server histogram, exported by opentelemetry-exporter-prometheus onto the
+app's registry: one observation per response, by method, route template and status code; /metrics,
+/healthz and /readyz are not counted."""
+HTTP_RESPONSES = f"{HTTP_DURATION}_count"
+HTTP_IN_FLIGHT = "http_server_active_requests"
+NO_ROUTE = "(no route: unknown path)"
+"""The route of the responses to paths that match none (404 probes): OpenTelemetry leaves it empty."""
+STATUS_CLASSES = ("1", "2", "3", "4", "5")
+
+
+def selected(metric: str, match: str = "") -> str:
+    """`metric{match,instance=~"$instance"}`: the series of the selected instances."""
+    return f"{metric}{{{match}{INSTANCE}}}"
+
+
+def by_status_class(expr: str) -> str:
+    """`expr` with a `status_class` label ("2xx", "5xx", ...) read from http_response_status_code.
+
+    One label_replace per class with a constant replacement rather than one `${1}xx`: every `$` in a
+    query is one of the dashboard's variables.
+    """
+    for digit in STATUS_CLASSES:
+        expr = f'label_replace({expr}, "status_class", "{digit}xx", "http_response_status_code", "{digit}..")'
+    return expr
+
+
+def http_ratio(status: str) -> str:
+    """The share of the responses whose status code matches `status`: 0, not absent, while none does."""
+    matching = rate(HTTP_RESPONSES, f'http_response_status_code=~"{status}",')
+    return f"(sum({matching}) or vector(0)) / sum({rate(HTTP_RESPONSES)})"
+
+
+def http_rows() -> list[Json]:
+    def quantile(q: float) -> str:
+        by_route = f"histogram_quantile({q}, sum by (http_route, le) ({rate(HTTP_DURATION + '_bucket')}))"
+        return f'label_replace({by_route}, "http_route", "{NO_ROUTE}", "http_route", "")'
+
+    source = (
+        " From OpenTelemetry's HTTP server metrics (http_server_request_duration_seconds, exported on the "
+        "service's /metrics); /metrics, /healthz and /readyz are not counted."
+    )
+    return [
+        row("HTTP: responses by status class, error ratios, latency by route, requests in flight"),
+        timeseries(
+            "HTTP responses per second, by status class",
+            "Responses per second summed over the selected instances, by the first digit of the status "
+            "code. 4xx are the callers' (400 and 422 invalid requests, 401 unauthorised, 404 unknown "
+            "path or model, 413 too large, 429 overloaded); 5xx are the service's (500 a bug, 503 "
+            "model not ready or draining)." + source,
+            [
+                target(
+                    "A",
+                    f"sum by (status_class) ({by_status_class(rate(HTTP_RESPONSES))})",
+                    "{{status_class}}",
+                )
+            ],
+            unit="reqps",
+            width=6,
+            overrides=[],
+        ),
+        timeseries(
+            "HTTP 5xx and 4xx ratio",
+            "The share of the responses with a 5xx and with a 4xx status (0 while there are none). "
+            "CliplensHttp5xxRatioHigh fires on the 5xx ratio over 5 minutes, CliplensHttp4xxSpike on a "
+            "4xx rate well above its own hourly average; see the Recorded row." + source,
+            [
+                target("A", http_ratio("5.."), "5xx / all responses"),
+                target("B", http_ratio("4.."), "4xx / all responses"),
+            ],
+            unit="percentunit",
+            width=6,
+            overrides=[],
+        ),
+        timeseries(
+            "HTTP response time by route, p50 and p95",
+            "From the request's arrival to the end of the response, by route template, from the "
+            f"histogram's buckets (to a bucket's width). {NO_ROUTE}: paths that match no route, such as "
+            "404 probes." + source,
+            [
+                target("A", quantile(0.5), "{{http_route}} p50"),
+                target("B", quantile(0.95), "{{http_route}} p95"),
+            ],
+            width=6,
+            overrides=[],
+        ),
+        timeseries(
+            "HTTP requests in flight",
+            "Requests being served on every route (http_server_active_requests), sampled at each "
+            "scrape: the embeddings requests of the Load row plus the others. Sum over the selected "
+            "instances, and each instance." + source,
+            [
+                target("A", f"sum({selected(HTTP_IN_FLIGHT)})", "all selected instances"),
+                target("B", f"sum by (instance) ({selected(HTTP_IN_FLIGHT)})", "{{instance}}"),
+            ],
+            unit="short",
+            width=6,
+            overrides=[],
+        ),
+    ]
+
+
+def process_rows() -> list[Json]:
+    fds_share = f"{selected('process_open_fds')} / {selected('process_max_fds')}"
+    return [
+        row("Process: memory, CPU, file descriptors, garbage collection (each replica)"),
+        timeseries(
+            "Resident memory (RSS)",
+            "process_resident_memory_bytes of each replica, against the limit CliplensMemoryGrowing "
+            "compares its 4-hour linear forecast with (cliplens:resident_memory_limit_bytes, the "
+            "container's limit). The model, the cache's memory tier and the images in flight are most of "
+            "it; a line that keeps rising at a steady load is a leak.",
+            [
+                target("A", selected("process_resident_memory_bytes"), "{{instance}}"),
+                target("B", "cliplens:resident_memory_limit_bytes", "limit (per replica)"),
+            ],
+            unit="bytes",
+            width=6,
+            overrides=[],
+        ),
+        timeseries(
+            "CPU cores used",
+            "rate(process_cpu_seconds_total): CPU seconds per second, user and system, every thread of "
+            "the process (event loop, CPU pools, torch). Near the replica's CPU limit, every stage "
+            "slows at once.",
+            [
+                target("A", f"sum({rate('process_cpu_seconds_total')})", "all selected instances"),
+                target("B", rate("process_cpu_seconds_total"), "{{instance}}"),
+            ],
+            unit="short",
+            width=6,
+            overrides=[],
+        ),
+        timeseries(
+            "Open file descriptors vs limit",
+            "Open file descriptors of each replica (sockets to clients and storage, files), and on the "
+            "right axis the fullest replica's share of its limit (process_open_fds / process_max_fds): "
+            "at the limit, new connections and file reads fail.",
+            [
+                target("A", selected("process_open_fds"), "{{instance}} open"),
+                target("B", f"max({fds_share})", "fullest replica, share of its limit"),
+            ],
+            unit="short",
+            width=6,
+            overrides=[right_axis(".*share of its limit$", "percentunit")],
+        ),
+        timeseries(
+            "Garbage collections per second, by generation",
+            "python_gc_collections_total by generation, and on the right axis the objects they "
+            "collected (python_gc_objects_collected_total), summed over the selected instances. A "
+            "generation-2 collection stops the event loop for its whole length: compare with the "
+            "event-loop lag below.",
+            [
+                target(
+                    "A",
+                    f"sum by (generation) ({rate('python_gc_collections_total')})",
+                    "generation {{generation}}",
+                ),
+                target("B", f"sum({rate('python_gc_objects_collected_total')})", "objects collected/s"),
+            ],
+            unit="short",
+            width=6,
+            overrides=[right_axis("objects collected/s", "short")],
+        ),
+    ]
+
+
+LOOP_LAG = "cliplens_event_loop_lag"
+"""cliplens_event_loop_lag_seconds: how late the event loop woke a task that sleeps 50 ms, sampled each
+time; with exact windowed `_min_seconds` / `_max_seconds` gauges like the stage families."""
+LOAD = 'stage="load",'
+
+
+def runtime_rows() -> list[Json]:
+    pool_busy = f"sum by (pool) ({rate('cliplens_cpu_pool_busy_seconds_total')})"
+    return [
+        row("Threads and event loop: slow storage or busy loop?"),
+        timeseries(
+            "Slow storage or busy loop? Event-loop lag vs load work",
+            "The load stage's work per image (cliplens_image_stage_seconds, stage load: p95, dots "
+            "are exemplars, and the exact max) next to the event loop's lag (cliplens_event_loop_lag_"
+            "seconds: how late a task sleeping 50 ms was woken: p99, and the exact max), on one time "
+            "axis. A load ends only when the loop runs the code that takes its bytes (GCS downloads "
+            "run on the loop, local files in the io pool), so a busy loop slows loads as much as a slow "
+            "storage does. Load slow + lag low: the loop was free and the bytes came late: slow "
+            "storage (or the network to it; see Download retries). Load slow + lag high: busy loop "
+            "(work done on the loop instead of a pool, a long garbage collection, a process short of "
+            "CPU): see CPU cores used, the pools and garbage collections. For one image, open a p95 "
+            "dot's trace: a load event with `loop_lag_ms` says the loop was late while it loaded. "
+            "Dashed: exact max over the service's window.",
+            [
+                target("A", f"max({selected(LOOP_LAG + '_max_seconds')})", "loop lag max"),
+                target(
+                    "B",
+                    f"histogram_quantile(0.99, sum by (le) ({rate(LOOP_LAG + '_seconds_bucket')}))",
+                    "loop lag p99",
+                ),
+                target(
+                    "C",
+                    "histogram_quantile(0.95, sum by (le) "
+                    f"({rate('cliplens_image_stage_seconds_bucket', LOAD)}))",
+                    "load work p95",
+                    exemplar=True,
+                ),
+                target("D", f"max({selected('cliplens_image_stage_max_seconds', LOAD)})", "load work max"),
+            ],
+            width=12,
+        ),
+        timeseries(
+            "Threads by pool",
+            "The process's OS threads by pool (cliplens_threads), stacked, summed over the selected "
+            "instances: cpu (decode, preprocess), text (tokenising), io (local files, inline data), "
+            "model (the batcher's worker), torch (intra-op threads), other (the event loop, exporters, "
+            "libraries). A total that keeps growing is a thread leak.",
+            [target("A", f"sum by (pool) ({selected('cliplens_threads')})", "{{pool}}")],
+            unit="short",
+            width=12,
+            overrides=[],
+            stacked=True,
+        ),
+        timeseries(
+            "CPU pool busy ratio, by pool",
+            "Busy worker-seconds per second over the workers (rate(cliplens_cpu_pool_busy_seconds_total) "
+            "/ cliplens_cpu_pool_workers), summed over the selected instances: 1 = every worker of the "
+            "pool busy all the time. A pool near 1 with a queue (next panel) is the bottleneck; add "
+            "workers only where the CPU cores used leave room.",
+            [
+                target(
+                    "A",
+                    f"{pool_busy} / sum by (pool) ({selected('cliplens_cpu_pool_workers')})",
+                    "{{pool}}",
+                )
+            ],
+            unit="percentunit",
+            width=12,
+            overrides=[],
+        ),
+        timeseries(
+            "CPU pool queue, by pool",
+            "Tasks waiting for a thread of each pool (cliplens_cpu_pool_queue), sampled at each scrape, "
+            "summed over the selected instances. The cpu pool's queue is the decode and preprocess "
+            "wait of the queue-wait panels.",
+            [target("A", f"sum by (pool) ({selected('cliplens_cpu_pool_queue')})", "{{pool}}")],
+            unit="short",
+            width=12,
+            overrides=[],
+        ),
+    ]
+
+
+GPU = 'device=~"$gpu",'
+
+
+def gpu_rows() -> list[Json]:
+    cpu_hosts = " Only CUDA replicas export the GPU series: on CPU hosts this row stays empty."
+
+    def held(metric: str) -> str:
+        return f"sum({selected(metric, GPU)})"
+
+    def of_total(metric: str) -> str:
+        return f"{held(metric)} / {held('cliplens_gpu_memory_total_bytes')}"
+
+    return [
+        row(
+            "GPU $gpu: utilisation and memory (one row per device; empty on CPU hosts)",
+            collapsed=[
+                timeseries(
+                    "GPU $gpu utilisation",
+                    "The share of the last sample period in which the device ran a kernel "
+                    "(cliplens_gpu_utilization_ratio, from NVML: absent without it), on each selected "
+                    "replica, and the busiest. Low while images wait for a model batch: the GPU is not "
+                    "the bottleneck." + cpu_hosts,
+                    [
+                        target("A", f"max({selected('cliplens_gpu_utilization_ratio', GPU)})", "busiest"),
+                        target("B", selected("cliplens_gpu_utilization_ratio", GPU), "{{instance}}"),
+                    ],
+                    unit="percentunit",
+                    width=8,
+                    overrides=[],
+                ),
+                timeseries(
+                    "GPU $gpu memory: used, total and the model's",
+                    "Device memory used by every process (cliplens_gpu_memory_used_bytes), the device's "
+                    "total, and what this process's torch holds on it for the model: weights, "
+                    "activations and its allocator's cache (cliplens_gpu_model_memory_bytes), summed "
+                    "over the selected replicas." + cpu_hosts,
+                    [
+                        target("A", held("cliplens_gpu_memory_used_bytes"), "used"),
+                        target("B", held("cliplens_gpu_memory_total_bytes"), "total"),
+                        target("C", held("cliplens_gpu_model_memory_bytes"), "model"),
+                    ],
+                    unit="bytes",
+                    width=8,
+                    overrides=[],
+                ),
+                timeseries(
+                    "GPU $gpu memory: share of the device",
+                    "Used memory and the model's memory over the device's total, summed over the "
+                    "selected replicas. Used well above the model's: the CUDA context, or another "
+                    "process on the device." + cpu_hosts,
+                    [
+                        target("A", of_total("cliplens_gpu_memory_used_bytes"), "used / total"),
+                        target("B", of_total("cliplens_gpu_model_memory_bytes"), "model / total"),
+                    ],
+                    unit="percentunit",
+                    width=8,
+                    overrides=[],
+                ),
+            ],
+            repeat="gpu",
+        ),
+    ]
+
+
 def recorded_rows() -> list[Json]:
     def recorded(ref: str, name: str, legend: str, stage: str = "") -> Json:
         return target(ref, f'{name}{{stage=~"{stage}"}}' if stage else name, legend)
@@ -835,6 +1174,40 @@ def recorded_rows() -> list[Json]:
             width=12,
             overrides=[],
         ),
+        timeseries(
+            "HTTP 5xx ratio (5m) vs objective",
+            "What CliplensHttp5xxRatioHigh compares: job:http_server_responses_5xx:ratio_rate5m against "
+            "cliplens:http_5xx_ratio_objective, while the job serves more than "
+            "cliplens:http_requests_rate_floor requests per second (job:http_server_requests:rate5m).",
+            [
+                recorded("A", "job:http_server_responses_5xx:ratio_rate5m", "5xx / all responses"),
+                recorded("B", "cliplens:http_5xx_ratio_objective", "objective"),
+            ],
+            unit="percentunit",
+            width=12,
+            overrides=[],
+        ),
+        timeseries(
+            "Event-loop lag per replica vs objective",
+            "What CliplensEventLoopLagHigh compares: each selected replica's exact max lag over 1 minute "
+            "(instance:cliplens_event_loop_lag_seconds:max1m) against "
+            "cliplens:event_loop_lag_objective_seconds; and its p99 over 5 minutes.",
+            [
+                target(
+                    "A",
+                    f"instance:cliplens_event_loop_lag_seconds:max1m{{{INSTANCE}}}",
+                    "{{instance}} max 1m",
+                ),
+                target(
+                    "B",
+                    f"instance:cliplens_event_loop_lag_seconds:p99_5m{{{INSTANCE}}}",
+                    "{{instance}} p99 5m",
+                ),
+                recorded("C", "cliplens:event_loop_lag_objective_seconds", "objective"),
+            ],
+            width=12,
+            overrides=[],
+        ),
     ]
 
 
@@ -889,28 +1262,54 @@ def variables() -> list[Json]:
             "sort": 0,
             "hide": 2,
         },
+        {
+            "type": "query",
+            "name": "gpu",
+            "label": "GPU device",
+            "description": "The CUDA devices of the selected replicas, one GPU row each; none on CPU hosts.",
+            "datasource": PROMETHEUS,
+            "query": f"label_values(cliplens_gpu_memory_total_bytes{{{INSTANCE}}}, device)",
+            "definition": f"label_values(cliplens_gpu_memory_total_bytes{{{INSTANCE}}}, device)",
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": all_current,
+            "options": [],
+            "sort": 3,
+            "hide": 2,
+        },
     ]
 
 
 def layout(panels: list[Json]) -> list[Json]:
     """Give each panel an id and a grid position, filling lines of 24 columns left to right.
 
-    A row, and a repeated panel (whose copies fill the line), starts a new line and ends it.
+    A row, and a repeated panel (whose copies fill the line), starts a new line and ends it. The
+    panels of a collapsed row are placed below it, where they appear when it opens; the panels after
+    the row make no room for them (Grafana moves them down when the row opens).
     """
-    x = y = line_height = 0
-    for panel_id, panel in enumerate(panels, start=1):
-        panel["id"] = panel_id
-        grid = panel["gridPos"]
-        whole_line = panel["type"] == "row" or "repeat" in panel
-        if whole_line or x + grid["w"] > 24:
-            y += line_height
-            x = line_height = 0
-        grid["x"], grid["y"] = x, y
-        x += grid["w"]
-        line_height = max(line_height, grid["h"])
-        if whole_line:
-            y += line_height
-            x = line_height = 0
+    ids = itertools.count(1)
+
+    def place(panels: list[Json], y: int) -> None:
+        x = line_height = 0
+        for panel in panels:
+            panel["id"] = next(ids)
+            grid = panel["gridPos"]
+            whole_line = panel["type"] == "row" or "repeat" in panel
+            if whole_line or x + grid["w"] > 24:
+                y += line_height
+                x = line_height = 0
+            grid["x"], grid["y"] = x, y
+            x += grid["w"]
+            line_height = max(line_height, grid["h"])
+            if whole_line:
+                y += line_height
+                x = line_height = 0
+            if panel["type"] == "row":
+                place(panel["panels"], y)
+
+    place(panels, 0)
     return panels
 
 
@@ -918,11 +1317,15 @@ def dashboard() -> Json:
     panels = layout(
         [
             *load_row(),
+            *http_rows(),
             *cache_rows(),
             *replica_rows(),
             *request_rows(),
             *image_rows(),
             *batch_rows(),
+            *process_rows(),
+            *runtime_rows(),
+            *gpu_rows(),
             *recorded_rows(),
         ]
     )

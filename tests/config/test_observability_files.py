@@ -40,6 +40,22 @@ OVERRIDES = {
 OBSERVABILITY = ROOT / "observability"
 GRAFANA = ROOT / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+SERIES_NAME = re.compile(r"[a-z_:]*(?:cliplens|http_server|process|python_gc)[_:][a-z0-9_:]*")
+"""The series the dashboards and rules read: cliplens's own, OpenTelemetry's HTTP server series and
+prometheus_client's process and garbage-collector series, and the rules recorded from them."""
+OTEL_HTTP_SERIES = {
+    *(f"http_server_request_duration_seconds_{part}" for part in ("bucket", "sum", "count")),
+    "http_server_active_requests",
+}
+"""OpenTelemetry's stable HTTP server metrics, exported onto the app's registry by
+opentelemetry-exporter-prometheus when the app starts: not families of `Metrics`."""
+GPU_SERIES = {
+    "cliplens_gpu_utilization_ratio",
+    "cliplens_gpu_memory_used_bytes",
+    "cliplens_gpu_memory_total_bytes",
+    "cliplens_gpu_model_memory_bytes",
+}
+"""Registered only where the model runs on CUDA, so absent from `Metrics()` on a CPU host."""
 
 
 def load_yaml(path: Path) -> Any:
@@ -169,6 +185,7 @@ def test_the_gpu_variant_reserves_a_gpu_and_builds_cuda_torch() -> None:
     devices = api["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert api["build"]["args"]["TORCH_INDEX_URL"].startswith("https://download.pytorch.org/whl/cu")
+    assert api["build"]["args"]["PACKAGE"] == ".[gpu]"  # NVML, for the GPU gauges' utilisation
     assert api["environment"]["CLIPLENS_DEVICE"] == "cuda"
 
 
@@ -251,10 +268,28 @@ def test_every_metric_the_dashboards_and_rules_read_is_exported_or_recorded() ->
     ]
     for path in DASHBOARDS:
         expressions += [target["expr"] for _, target in targets(json.loads(path.read_text()))]
-    names = {name for expr in expressions for name in re.findall(r"[a-z_:]*cliplens[_:][a-z0-9_:]*", expr)}
+    names = {name for expr in expressions for name in SERIES_NAME.findall(expr)}
     assert len(names) > 30, names
-    unknown = sorted(name for name in names if name not in exported | recorded)
+    assert {"http_server_request_duration_seconds_count", "process_resident_memory_bytes"} <= names
+    unknown = sorted(
+        name for name in names if name not in exported | OTEL_HTTP_SERIES | GPU_SERIES | recorded
+    )
     assert not unknown
+
+
+def test_every_alert_has_a_promtool_unit_test_that_fires_it() -> None:
+    alerts = {
+        rule["alert"]
+        for group in load_yaml(OBSERVABILITY / "rules" / "alerts.yml")["groups"]
+        for rule in group["rules"]
+    }
+    fired = {
+        case["alertname"]
+        for test in load_yaml(OBSERVABILITY / "tests" / "alerts_test.yml")["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case["exp_alerts"]
+    }
+    assert alerts == fired, f"alerts without a firing test: {sorted(alerts - fired)}"
 
 
 # ---- Jaeger -----------------------------------------------------------------------------------
@@ -390,7 +425,7 @@ def test_the_stage_latency_dashboard_has_what_the_issue_asks_for() -> None:
             assert any(f"histogram_quantile({q}, sum by (" in e and ", le)" in e for e in uses), (family, q)
         assert any(f"{family}_seconds_sum" in e and f"{family}_seconds_count" in e for e in uses), family
     for expr in exprs:
-        if "cliplens_" in expr and not expr.startswith(("job", "cliplens:")):
+        if any(":" not in name for name in SERIES_NAME.findall(expr)):
             assert 'instance=~"$instance"' in expr, expr
         assert "avg(" not in expr and "avg by" not in expr, f"averages of averages are wrong: {expr}"
     assert any(target.get("exemplar") for _, target in targets(dashboard))
@@ -414,7 +449,7 @@ MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"\s*
 
 
 def row_panels(dashboard: dict[str, Any], title_start: str) -> list[dict[str, Any]]:
-    """The panels under the (uncollapsed) row whose title starts with `title_start`."""
+    """The panels under the row whose title starts with `title_start` (inside it, when collapsed)."""
     found: list[dict[str, Any]] | None = None
     for panel in dashboard["panels"]:
         if panel["type"] == "row":
@@ -465,6 +500,77 @@ def test_the_cache_row_reads_only_the_cache_series_and_each_label_value_they_hav
         p for p in panels(dashboard) if p["type"] == "table" and "stage" in json.dumps(p["targets"])
     ]
     assert len(stage_tables) == 3 and all("`cache` stage" in p["description"] for p in stage_tables)
+
+
+def test_the_operator_rows_show_http_process_threads_event_loop_and_gpu() -> None:
+    """Issue 14: responses by status class and route, the process, the pools and the event loop
+    ("slow storage or busy loop?"), and a GPU row that stays closed and empty on CPU hosts."""
+    dashboard = json.loads((GRAFANA / "dashboards" / "cliplens-stage-latency.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    grafana_variables = {*variables, "__rate_interval", "__range", "__interval"}
+    for _, target in targets(dashboard):
+        used = set(re.findall(r"\$\{?(\w+)", target["expr"]))
+        assert used <= grafana_variables, f"not a dashboard variable: {target['expr']}"
+
+    def exprs(panel: dict[str, Any]) -> str:
+        return "\n".join(target["expr"] for target in panel.get("targets", []))
+
+    def panel(row: list[dict[str, Any]], title_start: str) -> dict[str, Any]:
+        (found,) = [p for p in row if p["title"].startswith(title_start)]
+        assert found["description"], found["title"]
+        return found
+
+    http = row_panels(dashboard, "HTTP")
+    by_class = exprs(panel(http, "HTTP responses per second, by status class"))
+    assert "sum by (status_class)" in by_class and '"http_response_status_code", "5.."' in by_class
+    ratios = panel(http, "HTTP 5xx and 4xx ratio")
+    assert ratios["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    for status in ("5..", "4.."):
+        assert f'http_response_status_code=~"{status}"' in exprs(ratios)
+    assert exprs(ratios).count("or vector(0)") == 2, "0, not absent, while no response has that status"
+    by_route = exprs(panel(http, "HTTP response time by route"))
+    assert "histogram_quantile(0.95, sum by (http_route, le)" in by_route
+    assert "http_server_active_requests{" in exprs(panel(http, "HTTP requests in flight"))
+
+    process = "\n".join(exprs(p) for p in row_panels(dashboard, "Process"))
+    assert "rate(process_cpu_seconds_total{" in process
+    for series in ("process_resident_memory_bytes", "process_open_fds", "process_max_fds"):
+        assert f"{series}{{" in process, series
+    assert "python_gc_collections_total{" in process
+
+    runtime = row_panels(dashboard, "Threads and event loop")
+    lag = panel(runtime, "Slow storage or busy loop?")
+    queries = [target["expr"] for target in lag["targets"]]
+    assert any("cliplens_event_loop_lag_max_seconds{" in q for q in queries)
+    assert any(
+        "histogram_quantile(0.99" in q and "cliplens_event_loop_lag_seconds_bucket{" in q for q in queries
+    )
+    assert any('stage="load"' in q and "cliplens_image_stage_seconds_bucket{" in q for q in queries)
+    assert any('stage="load"' in q and "cliplens_image_stage_max_seconds{" in q for q in queries)
+    advice = lag["description"].lower()
+    assert "slow storage" in advice and "busy loop" in advice and "lag low" in advice and "lag high" in advice
+    assert lag["fieldConfig"]["defaults"]["unit"] == "s"
+    threads = panel(runtime, "Threads by pool")
+    assert threads["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    assert "sum by (pool) (cliplens_threads{" in exprs(threads)
+    busy = exprs(panel(runtime, "CPU pool busy ratio"))
+    assert (
+        "cliplens_cpu_pool_busy_seconds_total{" in busy
+        and " / sum by (pool) (cliplens_cpu_pool_workers{" in busy
+    )
+    assert "cliplens_cpu_pool_queue{" in exprs(panel(runtime, "CPU pool queue"))
+
+    (gpu_row,) = [p for p in dashboard["panels"] if p["type"] == "row" and p["title"].startswith("GPU")]
+    assert gpu_row["collapsed"] and gpu_row["repeat"] == "gpu" and "CPU hosts" in gpu_row["title"]
+    assert re.fullmatch(
+        r"label_values\(cliplens_gpu_memory_total_bytes\{.*\}, device\)", variables["gpu"]["query"]
+    )
+    gpu = gpu_row["panels"]
+    assert gpu and all("CPU hosts" in p["description"] for p in gpu)
+    assert all('device=~"$gpu"' in target["expr"] for p in gpu for target in p["targets"])
+    assert {name for p in gpu for name in SERIES_NAME.findall(exprs(p))} == GPU_SERIES
+    elsewhere = [p["title"] for p in panels(dashboard) if p not in gpu and "cliplens_gpu_" in exprs(p)]
+    assert not elsewhere, "GPU series outside the GPU row would leave panels empty on CPU hosts"
 
 
 def test_the_committed_dashboard_is_what_the_generator_writes() -> None:
