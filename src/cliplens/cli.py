@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from cliplens import __version__
 from cliplens.machine import bound_openmp_spinning
-from cliplens.settings import Settings, SettingsError, load_settings
+from cliplens.settings import Settings, SettingsError, describe_settings, load_settings
 from cliplens.telemetry.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -256,9 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cliplens {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the embedding service under uvicorn")
+    serve = commands.add_parser(
+        "serve",
+        help="run the embedding service under uvicorn",
+        description="Every setting is read from its environment variable; a flag wins over it.",
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    settings = serve.add_argument_group("settings (flag, or the variable in brackets)")
+    for setting in describe_settings():
+        settings.add_argument(
+            setting.flag,
+            dest=f"setting_{setting.field}",
+            metavar="1|0" if setting.boolean else "VALUE",
+            help=f"{setting.meaning} [{setting.variable}; default {setting.default}]".replace("%", "%%"),
+        )
     demo = commands.add_parser(
         "demo", help="the experiment at laptop size on generated photos in a local directory"
     )
@@ -283,11 +295,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _flagged_settings(args: argparse.Namespace) -> dict[str, str]:
+    """{variable: value} for each setting given as a `serve` flag (parsed by load_settings, like
+    the environment, so a flag and its variable can never mean different things)."""
+    given = {}
+    for setting in describe_settings():
+        value = getattr(args, f"setting_{setting.field}", None)
+        if value is not None:
+            given[setting.variable.split(" / ")[0]] = value
+    return given
+
+
 def _dispatch(args: argparse.Namespace, arguments: Sequence[str]) -> int:
     if args.command == "experiment" and args.compare:
         return _compare(tuple(args.compare))
     try:
-        settings = load_settings()
+        settings = load_settings(overrides=_flagged_settings(args))
     except SettingsError as exc:
         sys.stderr.write(f"cliplens: {exc}\n")
         return 2

@@ -83,7 +83,7 @@ def _respond(
             )
     images = len(data) if modality is Modality.IMAGE else 0
     body = EmbeddingResponse(
-        model=service.model.id,
+        model=service.settings.served_model_name or service.model.id,
         data=data,
         errors=errors,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
@@ -154,7 +154,7 @@ class EmbeddingsController(Controller):
         service = runtime.service
         items = [data.input] if isinstance(data.input, str) else data.input
         _check_count(runtime.settings, len(items))
-        check_model(service.model, data.model)
+        check_model(service.model, data.model, runtime.settings.served_model_name)
         if data.dimensions is not None and data.dimensions != service.model.dimension:
             # CLIP was not trained Matryoshka-style: a cut vector is not a smaller embedding of it.
             raise RequestError(
@@ -191,7 +191,7 @@ class EmbeddingsController(Controller):
             request.app.multipart_form_part_limit,
         )
         _check_count(runtime.settings, len(form.files))
-        check_model(service.model, form.model)
+        check_model(service.model, form.model, runtime.settings.served_model_name)
         items: list[str | Reference] = list(form.files)
         embeddings = await service.embed_images(items, _current_span(), body_bytes=form.body_bytes)
         return _respond(service, embeddings, form.encoding_format, Modality.IMAGE)

@@ -15,18 +15,21 @@ from cliplens.vocabulary import RequestError, RequestErrorCode
 RANDOM_WARNING = "random weights: timings are real, embeddings are meaningless"
 
 
-def check_model(served: LoadedModel, asked: str | None) -> None:
-    """A request may name the model by its full id or its architecture; anything else is 404."""
-    if asked is not None and asked not in (served.id, served.architecture):
+def check_model(served: LoadedModel, asked: str | None, alias: str | None = None) -> None:
+    """A request may name the model by its full id, its architecture or the served name (the
+    `CLIPLENS_SERVED_MODEL_NAME` alias); anything else is 404."""
+    if asked is not None and asked not in (served.id, served.architecture, alias):
         raise RequestError(
             RequestErrorCode.MODEL_NOT_FOUND,
-            f"model {echo(asked)!r} is not served here; this serves {served.id!r}",
+            f"model {echo(asked)!r} is not served here; this serves {alias or served.id!r}",
         )
 
 
-def model_card(model: LoadedModel, cache: EmbeddingCache | None) -> ModelCard:
+def model_card(model: LoadedModel, cache: EmbeddingCache | None, alias: str | None = None) -> ModelCard:
+    """The card lists the served name as the id when there is one (what clients should send)."""
     return ModelCard(
-        id=model.id,
+        id=alias or model.id,
+        model_id=model.id,
         dimension=model.dimension,
         device=str(model.device),
         dtype=model.dtype_name,
@@ -50,12 +53,13 @@ def cache_card(cache: EmbeddingCache) -> CacheCard:
 
 @get("/v1/models", tags=["models"], sync_to_thread=False)
 def list_models(runtime: NamedDependency[Runtime]) -> ModelList:
-    return ModelList(data=[model_card(runtime.service.model, runtime.service.cache)])
+    alias = runtime.settings.served_model_name
+    return ModelList(data=[model_card(runtime.service.model, runtime.service.cache, alias)])
 
 
 @get("/v1/models/{model_id:path}", tags=["models"], sync_to_thread=False)
 def retrieve_model(model_id: str, runtime: NamedDependency[Runtime]) -> ModelCard:
     """The model's id holds a slash (`ViT-B-32/laion2b_s34b_b79k`): the whole rest of the path is it."""
-    model = runtime.service.model
-    check_model(model, model_id.lstrip("/"))
-    return model_card(model, runtime.service.cache)
+    model, alias = runtime.service.model, runtime.settings.served_model_name
+    check_model(model, model_id.lstrip("/"), alias)
+    return model_card(model, runtime.service.cache, alias)

@@ -94,6 +94,9 @@ class CacheCard(msgspec.Struct, kw_only=True):
 
 class ModelCard(msgspec.Struct, kw_only=True):
     id: str
+    """The name to send in requests: the served name (CLIPLENS_SERVED_MODEL_NAME) or `model_id`."""
+    model_id: str
+    """The model's own id (architecture/pretrained tag), whatever it is served as."""
     dimension: int
     device: str
     dtype: str
