@@ -230,7 +230,7 @@ THREAD_GROUPS = {
     "cliplens-io": "file reads",
     "cliplens-text": "texts",
 }
-"""cliplens names its pools' threads in the kernel (cliplens.machine.named_pool); the process's
+"""cliplens names its pools' threads in the kernel (cliplens.telemetry.threads.MeteredPool); the process's
 main thread is the event loop; every other thread (torch's intra-op pool, ...) is "other"."""
 CPU_COLUMNS = ("event loop", *THREAD_GROUPS.values(), "other")
 

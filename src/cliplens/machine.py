@@ -14,7 +14,6 @@ import math
 import os
 import platform
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +40,6 @@ def name_os_thread(name: str) -> None:
     profilers show it; Python before 3.14 names only its own thread objects). Linux keeps 15 bytes."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-
-
-def named_pool(workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads carry `name` in Python and in the kernel, so the CPU each pool
-    uses can be told apart from outside the process (the benchmark reads it per thread)."""
-    return ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix=name, initializer=name_os_thread, initargs=(name,)
-    )
 
 
 OPENMP_SPIN_COUNT = "100"

@@ -9,21 +9,27 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from cliplens.machine import OPENMP_SPIN_COUNT, bound_openmp_spinning, named_pool
+from cliplens.machine import OPENMP_SPIN_COUNT, bound_openmp_spinning
+from cliplens.telemetry.metrics import Metrics
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
 def test_a_named_pools_threads_carry_its_name_in_the_kernel() -> None:
     """top -H, ps -L, profilers and the benchmark's CPU-by-thread table tell the pools apart by it."""
-    with named_pool(2, "cliplens-probe") as pool:
+    metrics = Metrics(CollectorRegistry())
+    with metrics.pool(2, "cpu") as pool:
         ids = set(pool.map(lambda _: threading.get_native_id(), range(8)))
         names = {Path(f"/proc/{os.getpid()}/task/{tid}/comm").read_text().strip() for tid in ids}
-    assert names == {"cliplens-probe"}
+        threads = metrics.registry.get_sample_value("cliplens_threads", {"pool": "cpu"})
+    assert names == {"cliplens-cpu"} and threads is not None and len(ids) <= threads <= 2
     assert (
         Path(f"/proc/{os.getpid()}/task/{threading.get_native_id()}/comm").read_text().strip()
-        != "cliplens-probe"
+        != "cliplens-cpu"
     )
+    busy = metrics.registry.get_sample_value("cliplens_cpu_pool_busy_seconds_total", {"pool": "cpu"})
+    assert busy is not None and busy > 0
 
 
 def test_openmp_spinning_is_bounded_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:

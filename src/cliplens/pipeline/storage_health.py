@@ -83,11 +83,6 @@ class StorageHealth:
         self.status: dict[str, StorageStatus] = {}
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def up(self) -> bool:
-        """Every configured source passed its last check (True before the first one ends)."""
-        return all(status.up for status in self.status.values())
-
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="cliplens-storage-check")
 

@@ -4,11 +4,11 @@ The study behind cliplens saw the load stage balloon under concurrency and guess
 threads"; these series let that be confirmed or refuted by looking:
 
 - `cliplens_threads{pool}`: the OS threads of the process at scrape time, by the name the pools
-  give their threads in the kernel (machine.named_pool): `cpu` (decode + preprocess), `text`
-  (tokenising), `io` (file reads, base64), `model` (the batcher's forward passes), `torch` (the
-  intra-op threads OpenMP starts from a pool's worker, which inherit that worker's kernel name:
-  threads with a pool's name beyond the pool's size) and `other` (the event loop, the exporters,
-  the threads of the process's start, everything else).
+  give their threads in the kernel (`MeteredPool`, through machine.name_os_thread): `cpu` (decode
+  and preprocess), `text` (tokenising), `io` (file reads, base64), `model` (the batcher's forward
+  passes), `torch` (the intra-op threads OpenMP starts from a pool's worker, which inherit that
+  worker's kernel name: threads with a pool's name beyond the pool's size) and `other` (the event
+  loop, the exporters, the threads of the process's start, everything else).
 - `cliplens_cpu_pool_busy_seconds_total{pool}`: worker-seconds spent running tasks, counted as each
   task ends; `rate(...) / cliplens_cpu_pool_workers` is the pool's busy ratio (1 = saturated).
 - `cliplens_cpu_pool_queue{pool}`: tasks submitted and not yet picked up by a worker, read at
@@ -88,10 +88,6 @@ class ThreadsCollector(Collector):
 
     def watch(self, pool: MeteredPool) -> None:
         self._pools[pool.pool] = pool
-
-    def forget(self, pool: MeteredPool) -> None:
-        if self._pools.get(pool.pool) is pool:
-            del self._pools[pool.pool]
 
     def collect(self) -> Iterable[Metric]:
         named = dict.fromkeys(THREAD_GROUPS, 0)
