@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
             setting.flag,
             dest=f"setting_{setting.field}",
             metavar="1|0" if setting.boolean else "VALUE",
-            help=f"{setting.meaning} [{setting.variable}; default {setting.default}]".replace("%", "%%"),
+            help=f"{setting.meaning} [{' / '.join(setting.variables)}; default {setting.default}]".replace(
+                "%", "%%"
+            ),
         )
     demo = commands.add_parser(
         "demo", help="the experiment at laptop size on generated photos in a local directory"
@@ -302,7 +304,7 @@ def _flagged_settings(args: argparse.Namespace) -> dict[str, str]:
     for setting in describe_settings():
         value = getattr(args, f"setting_{setting.field}", None)
         if value is not None:
-            given[setting.variable.split(" / ")[0]] = value
+            given[setting.variable] = value
     return given
 
 

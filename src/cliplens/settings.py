@@ -16,6 +16,7 @@ pydantic-settings would turn `Settings` into a model that `dataclasses.replace` 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -220,11 +221,17 @@ class SettingHelp:
     """One setting as a user sees it: its variable, its flag, its default and one line of meaning."""
 
     field: str
-    variable: str
+    variables: tuple[str, ...]
+    """Read from these, the first one set winning."""
     default: str
     meaning: str
     boolean: bool = False
     """Takes 1/0 (true/false, yes/no, on/off)."""
+
+    @property
+    def variable(self) -> str:
+        """The variable that wins (the one a flag stands for)."""
+        return self.variables[0]
 
     @property
     def flag(self) -> str:
@@ -253,7 +260,8 @@ def _shown(value: object) -> str:
     return str(value)
 
 
-def describe_settings() -> list[SettingHelp]:
+@functools.cache
+def describe_settings() -> tuple[SettingHelp, ...]:
     """Every setting, in declaration order, with the first sentence-line of its docstring: one
     source for `cliplens serve --help`, its flags and the README's table (a test holds them equal)."""
     import ast
@@ -281,9 +289,10 @@ def describe_settings() -> list[SettingHelp]:
             default = item.default_factory()
         if item.name == "api_tokens":
             default = ()  # never show a secret, even a default one
-        variable = " / ".join(_variables(hints, item.name))
         boolean = typing.get_origin(hints[item.name]) is None and hints[item.name] is bool
         described.append(
-            SettingHelp(item.name, variable, _shown(default), meanings.get(item.name, ""), boolean)
+            SettingHelp(
+                item.name, _variables(hints, item.name), _shown(default), meanings.get(item.name, ""), boolean
+            )
         )
-    return described
+    return tuple(described)
