@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -17,7 +18,7 @@ from litestar.testing import TestClient
 
 from cliplens.app import create_app
 from cliplens.experiment.corpus import encode_jpeg, render_photo
-from cliplens.settings import Settings
+from cliplens.settings import OnError, Settings
 from tests.harness.servers import FakeGcs
 
 TINY_ARCHITECTURE = {
@@ -58,6 +59,13 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-weights"), with_weights=True)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) batches of vectors (the model's raw projections)."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.asarray((a * b).sum(axis=1))
+
+
 def photo_bytes(name: str) -> bytes:
     width, height, seed = PHOTOS[name]
     return encode_jpeg(render_photo(seed, width, height))
@@ -80,9 +88,22 @@ def png_bytes() -> bytes:
     return buffer.getvalue()
 
 
+PARTIAL: OnError = "partial"
+"""The tests' services answer item errors with the other items' vectors (`on_error: partial`), so
+that a test of one item's failure also sees that the others were served; the deployment default,
+`fail`, is tested in tests/integration/test_request_fields.py."""
+
+
 @pytest.fixture
 def settings(tiny_model: str, photo_dir: Path) -> Settings:
-    return Settings(model=tiny_model, pretrained="none", image_root=photo_dir, cpu_workers=2, max_inputs=16)
+    return Settings(
+        model=tiny_model,
+        pretrained="none",
+        image_root=photo_dir,
+        cpu_workers=2,
+        max_inputs=16,
+        on_error=PARTIAL,
+    )
 
 
 def wait_ready(client: TestClient[Litestar], timeout_s: float = 120) -> None:
@@ -129,4 +150,5 @@ def gcs_settings(tiny_weights: Path, fake_gcs: FakeGcs) -> Settings:
         allowed_buckets=(BUCKET,),
         gcs_emulator_host=fake_gcs.url,
         cpu_workers=2,
+        on_error=PARTIAL,
     )

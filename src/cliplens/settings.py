@@ -27,6 +27,7 @@ from pydantic import AliasChoices, BeforeValidator, Field, TypeAdapter, Validati
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+OnError = Literal["fail", "partial"]
 
 
 class SettingsError(ValueError):
@@ -94,6 +95,10 @@ class Settings:
     max_text_chars: Annotated[int, _AtLeastOne] = 2000
     """Longest text accepted, in characters, checked before tokenising (the tokenizer is quadratic
     in long runs of letters); longer is `text_too_long`, or cut to this length with `truncate`."""
+    on_error: Annotated[OnError, _Lower] = "fail"
+    """What a request gets when some of its items fail and it does not say (`on_error`): `fail` (422
+    `item_errors` listing them, what OpenAI-style clients assume) or `partial` (200, indexed vectors
+    of the rest, and the errors)."""
 
     max_images_in_flight: Annotated[int, _AtLeastOne] = 2048
     """Admission bound: items (images and texts) being served at once. A request that would pass it

@@ -89,6 +89,9 @@ class RequestErrorCode(StrEnum):
     INVALID_BODY = "invalid_body"
     BODY_TOO_LARGE = "body_too_large"
     EMPTY_INPUT = "empty_input"
+    ITEM_ERRORS = "item_errors"
+    """some items failed and the request asked for all or nothing (`on_error: fail`); the body's
+    `error.errors` lists each failed item"""
     TOO_MANY_ITEMS = "too_many_items"
     MODEL_NOT_FOUND = "model_not_found"
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"

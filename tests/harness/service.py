@@ -63,6 +63,7 @@ def serving(tiny_model: str, tmp_path: Path, **env: str) -> Iterator[Service]:
         CLIPLENS_CPU_WORKERS="2",
         CLIPLENS_TORCH_THREADS="1",
         CLIPLENS_LOG_LEVEL="WARNING",
+        CLIPLENS_ON_ERROR="partial",  # as tests/conftest.py's PARTIAL says
     )
     environment.update(env)
     log = tmp_path / f"serve-{port}.log"

@@ -62,6 +62,7 @@ def test_long_texts_neither_freeze_images_nor_pass_the_text_cap(
         assert refused.json()["data"] == []
         assert truncated.status_code == 200
         assert [d["index"] for d in truncated.json()["data"]] == [0, 1]
+        assert truncated.json()["truncated"] == [0]
         assert truncated.json()["usage"]["prompt_tokens"] > 0
         assert service.metric("cliplens_images_total", outcome="timeout") == 0
         assert not log_problems(service)

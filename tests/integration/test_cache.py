@@ -17,6 +17,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from cliplens.experiment.corpus import distinct_copy
+from cliplens.pipeline.cache import VECTOR_FORMAT
 from cliplens.settings import Settings
 from cliplens.vocabulary import Stage
 from tests.conftest import BUCKET, photo_bytes, running
@@ -177,7 +178,7 @@ def test_two_processes_share_hits_through_redis(
         assert second.metric("cliplens_image_stage_seconds_count", stage="load") == 0
         card = other.get("/v1/models").json()["data"][0]["cache"]
         assert card["tiers"] == ["redis"] and card["shared_url"] == redis_server.url
-        assert len(redis_server.keys("cliplens:v1:*")) == 3
+        assert len(redis_server.keys(f"cliplens:v{VECTOR_FORMAT}:*")) == 3
 
 
 def test_a_cache_outage_costs_no_request_and_the_circuit_closes_when_it_returns(

@@ -36,7 +36,7 @@ from PIL import Image
 from cliplens.experiment.inprocess import InProcessService
 from cliplens.settings import Settings
 from cliplens.vocabulary import IMAGE_WORK_STAGES, Stage
-from tests.conftest import BUCKET
+from tests.conftest import BUCKET, PARTIAL
 from tests.harness.dashboards import (
     BODY_TOLERANCE_S,
     DASHBOARDS,
@@ -77,6 +77,7 @@ def run(tiny_model: str, fake_gcs: FakeGcs, tmp_path_factory: pytest.TempPathFac
         cpu_workers=2,
         max_inputs=16,
         extremes_window_s=EXTREMES_WINDOW_S,
+        on_error=PARTIAL,
     )
     with InProcessService(settings) as url:
         target = url.removeprefix("http://")

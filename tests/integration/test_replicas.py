@@ -155,6 +155,7 @@ def replica_environment(
         CLIPLENS_TORCH_THREADS="1",
         CLIPLENS_EXTREMES_WINDOW_S=str(EXTREMES_WINDOW_S),
         CLIPLENS_LOG_LEVEL="WARNING",
+        CLIPLENS_ON_ERROR="partial",  # as tests/conftest.py's PARTIAL says
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp,
         # The overlay samples 10 %: here every request, so every one can be checked.
         OTEL_TRACES_SAMPLER="parentbased_always_on",

@@ -21,6 +21,7 @@ from schemathesis.core.result import Err, Ok
 
 from cliplens.experiment.inprocess import InProcessService
 from cliplens.settings import Settings
+from tests.conftest import PARTIAL
 
 EXAMPLES = 250
 """Per generation mode, over all operations: about 5 s each on 2 cores with the tiny model."""
@@ -29,7 +30,12 @@ EXAMPLES = 250
 @pytest.fixture(scope="module")
 def service_url(tiny_model: str, photo_dir: Path) -> Iterator[str]:
     service = Settings(
-        model=tiny_model, pretrained="none", image_root=photo_dir, cpu_workers=2, max_inputs=16
+        model=tiny_model,
+        pretrained="none",
+        image_root=photo_dir,
+        cpu_workers=2,
+        max_inputs=16,
+        on_error=PARTIAL,
     )
     with InProcessService(service) as url:
         yield url

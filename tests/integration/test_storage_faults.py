@@ -27,7 +27,7 @@ from cliplens.experiment.inprocess import free_port
 from cliplens.pipeline.references import GcsReference
 from cliplens.pipeline.sources import GcsSource
 from cliplens.settings import Settings
-from tests.conftest import running
+from tests.conftest import PARTIAL, running
 from tests.harness.faulty_gcs import Endless, FaultyGcs, Reset, Serve, Status, Trickle, gzip_bomb
 from tests.harness.servers import FakeGcs, child_environment
 
@@ -53,6 +53,7 @@ def settings_for(tiny_model: str, url: str, **changes: object) -> Settings:
         cpu_workers=2,
         max_inputs=32,
         max_image_bytes=CAP,
+        on_error=PARTIAL,
         request_timeout_s=3.0,
         download_timeout_s=0.5,
         download_retries=3,

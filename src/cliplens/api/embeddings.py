@@ -1,5 +1,11 @@
 """POST /v1/embeddings and /v1/embeddings/upload: parse, check, run the pipeline, build the envelope.
 
+With `on_error: fail` (the default) a request with a failed item is answered 422 `item_errors`
+listing every failure, so that no client can pair vectors with the wrong inputs; with `partial`,
+the others' vectors come back, each at its `index`, and `X-Items-Failed` says how many failed.
+Vectors are unit length unless the request sets `normalize: false` (the model's raw projection;
+the cache keeps raw projections, so both come from one vector).
+
 Every response carries `Server-Timing` (one entry per stage and the total, from the same stamps as
 the spans and histograms) and `X-Trace-Id` (the request's trace, to look up in Jaeger); with the
 embedding cache on, `X-Cache-Hits` (how many of the vectors came from it).
@@ -9,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,7 +24,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from opentelemetry import trace
 
-from cliplens.api.errors import trace_headers
+from cliplens.api.errors import ItemsFailed, trace_headers
 from cliplens.api.models import check_model
 from cliplens.api.schemas import (
     EmbeddingData,
@@ -34,7 +41,7 @@ from cliplens.api.uploads import UploadOperation, read_upload
 from cliplens.pipeline.references import Reference
 from cliplens.pipeline.service import Embeddings, EmbeddingService
 from cliplens.runtime import Runtime
-from cliplens.settings import Settings
+from cliplens.settings import OnError, Settings
 from cliplens.vocabulary import Modality, RequestError, RequestErrorCode
 
 log = logging.getLogger(__name__)
@@ -58,37 +65,52 @@ def _check_count(settings: Settings, count: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Answer:
+    """How a request wants its vectors back (JSON and upload routes alike)."""
+
+    modality: Modality
+    encoding_format: EncodingFormat = "float"
+    normalize: bool = True
+    on_error: OnError = "fail"
+    timings: bool = False
+
+
+def _vectors(vectors: list[np.ndarray], normalize: bool) -> np.ndarray:
+    """The vectors, one row each, as float32: unit length unless the raw projection is asked for."""
+    matrix = np.stack(vectors).astype(np.float32, copy=False)
+    if normalize:
+        matrix = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    return matrix
+
+
 def _respond(
-    service: EmbeddingService,
-    embeddings: Embeddings,
-    encoding_format: EncodingFormat,
-    modality: Modality,
-    timings: bool = False,
+    service: EmbeddingService, embeddings: Embeddings, answer: Answer
 ) -> Response[EmbeddingResponse]:
-    data: list[EmbeddingData] = []
-    errors: list[ItemErrorBody] = []
-    tokens = 0
-    for result in sorted(embeddings.results, key=lambda r: r.index):
-        if result.vector is not None:
-            data.append(EmbeddingData(index=result.index, embedding=_encode(result.vector, encoding_format)))
-            tokens += result.tokens
-        elif result.error is not None:
-            errors.append(
-                ItemErrorBody(
-                    index=result.index,
-                    input=echo(result.input),
-                    code=result.error.code.value,
-                    message=result.error.message,
-                )
-            )
-    images = len(data) if modality is Modality.IMAGE else 0
+    """The 200 envelope, or `ItemsFailed` (422) when an item failed and the request said `fail`."""
+    results = sorted(embeddings.results, key=lambda r: r.index)
+    made = [(result, result.vector) for result in results if result.vector is not None]
+    vectors = _vectors([vector for _, vector in made], answer.normalize) if made else np.empty((0, 0))
+    data = [
+        EmbeddingData(index=result.index, embedding=_encode(vector, answer.encoding_format))
+        for (result, _), vector in zip(made, vectors, strict=True)
+    ]
+    errors = [
+        ItemErrorBody(index=r.index, input=echo(r.input), code=r.error.code.value, message=r.error.message)
+        for r in results
+        if r.error is not None
+    ]
+    tokens = sum(result.tokens for result, _ in made)
+    images = len(data) if answer.modality is Modality.IMAGE else 0
     body = EmbeddingResponse(
         model=service.settings.served_model_name or service.model.id,
         data=data,
         errors=errors,
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens, images=images),
     )
-    if timings:
+    if answer.modality is Modality.TEXT:
+        body.truncated = [result.index for result in results if result.truncated]
+    if answer.timings:
         body.timings = [
             ItemTimings(
                 index=index,
@@ -101,16 +123,21 @@ def _respond(
     headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
     if service.cache is not None:
         headers["X-Cache-Hits"] = str(embeddings.cache_hits)
+    if answer.on_error == "partial":
+        headers["X-Items-Failed"] = str(len(errors))
     log.info(
         "embeddings served",
         extra={
-            "modality": modality,
+            "modality": answer.modality,
             "items": len(embeddings.results),
             "failed": len(errors),
+            "on_error": answer.on_error,
             "stages_ms": {k: round(v, 1) for k, v in embeddings.timing.stages_ms.items()},
             "total_ms": round(embeddings.timing.total_ms, 1),
         },
     )
+    if errors and answer.on_error == "fail":
+        raise ItemsFailed(errors, len(results), headers)
     return Response(body, headers=headers)
 
 
@@ -170,7 +197,14 @@ class EmbeddingsController(Controller):
             )
         else:
             embeddings = await service.embed_images(list(items), _current_span(), body_bytes, data.cache)
-        return _respond(service, embeddings, data.encoding_format, modality, data.timings)
+        answer = Answer(
+            modality,
+            data.encoding_format,
+            data.normalize,
+            data.on_error or runtime.settings.on_error,
+            data.timings,
+        )
+        return _respond(service, embeddings, answer)
 
     @post(
         "/upload",
@@ -194,4 +228,5 @@ class EmbeddingsController(Controller):
         check_model(service.model, form.model, runtime.settings.served_model_name)
         items: list[str | Reference] = list(form.files)
         embeddings = await service.embed_images(items, _current_span(), body_bytes=form.body_bytes)
-        return _respond(service, embeddings, form.encoding_format, Modality.IMAGE)
+        on_error = form.on_error or runtime.settings.on_error
+        return _respond(service, embeddings, Answer(Modality.IMAGE, form.encoding_format, on_error=on_error))

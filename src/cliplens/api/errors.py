@@ -1,11 +1,14 @@
 """Request-level errors and their HTTP status codes: one table, one body shape, one handler.
 
-Item-level failures (one bad photo) are not errors here: they are entries of the 200 response's
-`errors` list, with the item vocabulary (`ErrorCode` in vocabulary.py). What this module handles is a
-request that cannot be served at all. Whatever refuses it — the pipeline (`Overloaded`), the runtime
-(`NotReady`, `ShuttingDown`), a route, or Litestar itself (a malformed body, a body too large, an
-unknown path) — ends up as a `RequestErrorCode`, and `RESPONSES` decides its status, OpenAI-style
-`type` and headers. The body is always `{"error": {"message", "type", "code"}}`, OpenAI's shape.
+Item-level failures (one bad photo) are entries of an `errors` list, with the item vocabulary
+(`ErrorCode` in vocabulary.py): in the 200 response with `on_error: partial`, or in the 422
+`item_errors` answer with `on_error: fail` (`ItemsFailed`, the one request error that carries
+them). Otherwise what this module handles is a request that cannot be served at all. Whatever
+refuses it — the pipeline (`Overloaded`), the runtime (`NotReady`, `ShuttingDown`), a route, or
+Litestar itself (a malformed body, a body too large, an unknown path) — ends up as a
+`RequestErrorCode`, and `RESPONSES` decides its status, OpenAI-style `type` and headers. The body
+is always `{"error": {"message", "type", "code"}}`, OpenAI's shape (plus `errors` for
+`item_errors`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from opentelemetry import trace
 
-from cliplens.api.schemas import ErrorBody, ErrorDetail, echo
+from cliplens.api.schemas import ErrorBody, ErrorDetail, ItemErrorBody, echo
 from cliplens.vocabulary import RequestError, RequestErrorCode
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ RESPONSES: dict[RequestErrorCode, ErrorResponse] = {
     RequestErrorCode.BODY_TOO_LARGE: ErrorResponse(413, _INVALID),
     RequestErrorCode.TOO_MANY_ITEMS: ErrorResponse(413, _INVALID),
     RequestErrorCode.EMPTY_INPUT: ErrorResponse(422, _INVALID),
+    RequestErrorCode.ITEM_ERRORS: ErrorResponse(422, _INVALID),
     RequestErrorCode.MODEL_NOT_FOUND: ErrorResponse(404, _INVALID),  # OpenAI's status for it
     RequestErrorCode.OVERLOADED: ErrorResponse(429, "rate_limit_error", {"Retry-After": "1"}),
     RequestErrorCode.INTERNAL_ERROR: ErrorResponse(500, "server_error"),
@@ -75,14 +79,33 @@ def trace_headers() -> dict[str, str]:
     return {"X-Trace-Id": trace.format_trace_id(context.trace_id)}
 
 
+class ItemsFailed(RequestError):
+    """Some items failed and the request asked for all or nothing (`on_error: fail`): 422
+    `item_errors`, the failed items in `error.errors`, and the headers the 200 would have had
+    (Server-Timing, X-Trace-Id): the work done is in the log and the trace, not in the answer."""
+
+    def __init__(self, errors: list[ItemErrorBody], items: int, headers: dict[str, str]) -> None:
+        first = errors[0]
+        message = (
+            f"{len(errors)} of {items} items failed (the first: item {first.index}, {first.code}: "
+            f"{first.message}); every failure is in `errors`"
+        )
+        if len(errors) < items:
+            message += ". Send `on_error: partial` to get the other items' vectors anyway"
+        super().__init__(RequestErrorCode.ITEM_ERRORS, message)
+        self.errors = errors
+        self.headers = headers
+
+
 def error_response(error: RequestError, status: int | None = None) -> Response[ErrorBody]:
     """The JSON answer to `error` (with the framework's own `status` where it decided one)."""
     answer = RESPONSES[error.code]
-    return Response(
-        ErrorBody(error=ErrorDetail(message=error.message, type=answer.type, code=error.code.value)),
-        status_code=status or answer.status,
-        headers={**answer.headers, **trace_headers()},
-    )
+    detail = ErrorDetail(message=error.message, type=answer.type, code=error.code.value)
+    headers = {**answer.headers, **trace_headers()}
+    if isinstance(error, ItemsFailed):
+        detail.errors = error.errors
+        headers.update(error.headers)
+    return Response(ErrorBody(error=detail), status_code=status or answer.status, headers=headers)
 
 
 def _validation_message(exc: ValidationException) -> str:

@@ -10,6 +10,8 @@ from typing import Literal
 
 import msgspec
 
+from cliplens.settings import OnError
+
 ECHO_CHARS = 256
 """The most of an item's input an error entry echoes: enough to recognise it, never the megabytes
 a client may have sent (250 names of 1 MB each once made a 256 MB answer)."""
@@ -38,8 +40,14 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     timings: bool = False
     """Extension: also return each item's per-stage queue and work milliseconds."""
     truncate: bool = False
-    """Texts longer than the service's cap (CLIPLENS_MAX_TEXT_CHARS) are cut to it instead of
-    failing with `text_too_long`."""
+    """Texts longer than the model's context (77 tokens for CLIP) or the service's cap
+    (CLIPLENS_MAX_TEXT_CHARS) are cut to fit instead of failing with `text_too_long`; the response's
+    `truncated` lists which."""
+    normalize: bool = True
+    """False returns the model's raw projection instead of the unit-length vector (same direction)."""
+    on_error: OnError | None = None
+    """When some items fail: `fail` (422 `item_errors` listing them) or `partial` (200 with the
+    others, each at its `index`, and `errors`); unset, the service's CLIPLENS_ON_ERROR."""
     cache: bool = True
     """Extension: false skips the embedding cache's lookups (every vector is made, and written)."""
 
@@ -80,6 +88,8 @@ class EmbeddingResponse(msgspec.Struct, kw_only=True):
     usage: Usage
     object: str = "list"
     timings: list[ItemTimings] | msgspec.UnsetType = msgspec.UNSET
+    truncated: list[int] | msgspec.UnsetType = msgspec.UNSET
+    """Texts only: the indices of the inputs that were cut to fit (`truncate: true`)."""
 
 
 class CacheCard(msgspec.Struct, kw_only=True):
@@ -119,6 +129,8 @@ class ErrorDetail(msgspec.Struct, kw_only=True):
     message: str
     type: str
     code: str | None = None
+    errors: list[ItemErrorBody] | msgspec.UnsetType = msgspec.UNSET
+    """With code `item_errors`: each failed item (the openai client's `exc.body["errors"]`)."""
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

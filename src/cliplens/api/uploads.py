@@ -8,10 +8,11 @@ Too Large". Here the body is parsed with the same `multipart` library, chunk by 
 - each `files` part becomes one item: its bytes (at most `max_image_bytes` are kept; a part over
   that cap becomes a `too_large` item, its bytes dropped as they arrive), named by its filename,
   or `file-{index}` when it has none;
-- `model` and `encoding_format` are short UTF-8 text fields, checked like the JSON route's;
+- `model`, `encoding_format` and `on_error` are short UTF-8 text fields, checked like the JSON
+  route's (send `on_error=partial` to get the other files' vectors when some fail);
 - parts under any other name are read past and dropped;
 - whatever is malformed (syntax, more than `part_limit` parts, oversized part headers, invalid
-  UTF-8 in a text field, an unknown `encoding_format`) is a 400 `invalid_body`.
+  UTF-8 in a text field, an unknown `encoding_format` or `on_error`) is a 400 `invalid_body`.
 
 Since the route has no Litestar `data` parameter, the form's OpenAPI schema is declared here
 (`UploadOperation`), for the schema at /schema and the clients generated from it.
@@ -35,12 +36,15 @@ from multipart import (  # type: ignore[import-untyped]
 
 from cliplens.api.schemas import EncodingFormat
 from cliplens.pipeline.references import InlineReference, Reference, RefusedReference
+from cliplens.settings import OnError
 from cliplens.vocabulary import ErrorCode, RequestError, RequestErrorCode
 
 MAX_FIELD_BYTES = 1024
-"""The longest `model` or `encoding_format` value: both are short names."""
+"""The longest `model`, `encoding_format` or `on_error` value: all are short names."""
 
 _ENCODING_FORMATS: tuple[str, ...] = get_args(EncodingFormat)
+_ON_ERRORS: tuple[str, ...] = get_args(OnError)
+_FIELDS = ("model", "encoding_format", "on_error")
 _JOIN_ON_LOOP_BYTES = 1024 * 1024
 """A file part larger than this is joined in a worker thread: a copy of tens of megabytes (page
 faults included) would otherwise hold the event loop for tens of milliseconds."""
@@ -53,6 +57,8 @@ class UploadForm:
     files: list[Reference] = field(default_factory=list)
     model: str | None = None
     encoding_format: EncodingFormat = "float"
+    on_error: OnError | None = None
+    """Unset: the service's CLIPLENS_ON_ERROR."""
     body_bytes: int = 0
     """Bytes of the body read (the memory the request took in)."""
 
@@ -132,7 +138,7 @@ async def read_upload(
                 elif event is None and part is not None:
                     if part.name == "files":
                         form.files.append(await part.item(max_image_bytes))
-                    elif part.name in ("model", "encoding_format"):
+                    elif part.name in _FIELDS:
                         if part.name in fields:
                             raise _invalid(f"the `{part.name}` field is given more than once")
                         fields[part.name] = part.text()
@@ -146,6 +152,10 @@ async def read_upload(
     if encoding_format not in _ENCODING_FORMATS:
         raise _invalid(f"`encoding_format` must be one of {', '.join(_ENCODING_FORMATS)}")
     form.encoding_format = cast(EncodingFormat, encoding_format)
+    on_error = fields.get("on_error")
+    if on_error is not None and on_error not in _ON_ERRORS:
+        raise _invalid(f"`on_error` must be one of {', '.join(_ON_ERRORS)}")
+    form.on_error = cast(OnError | None, on_error)
     return form
 
 
@@ -163,6 +173,7 @@ UPLOAD_SCHEMA = Schema(
         ),
         "model": Schema(one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)]),
         "encoding_format": Schema(type=OpenAPIType.STRING, enum=list(_ENCODING_FORMATS), default="float"),
+        "on_error": Schema(type=OpenAPIType.STRING, enum=list(_ON_ERRORS)),
     },
     required=[],
 )

@@ -2,7 +2,7 @@
 
 Keys cannot go stale, because they name exact bytes and an exact model:
 
-    cliplens:v1:<model fingerprint>:<SHA-256 of the content identity>
+    cliplens:v2:<model fingerprint>:<SHA-256 of the content identity>
 
 - The model fingerprint (`model_fingerprint`): cliplens's vector format, the runtime, the device
   type, the dtype, the architecture, the preprocessing, the decode path and a digest of the
@@ -26,7 +26,8 @@ stops calling the tier after `BREAKER_FAILURES` failures in a row, for `BREAKER_
 then lets one call through to try it again. A failed or skipped operation is a miss to the caller
 and a count in `cliplens_cache_requests_total{tier,result}` (error, bypass).
 
-Vectors are stored as little-endian float32 bytes (2 KiB for 512 dimensions): exact, so a hit
+Vectors are the model's raw projections (normalised at the answer, unless the request asks for
+the raw one), stored as little-endian float32 bytes (2 KiB for 512 dimensions): exact, so a hit
 returns the very vector the miss returned.
 """
 
@@ -52,9 +53,9 @@ from cliplens.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-VECTOR_FORMAT = 1
+VECTOR_FORMAT = 2
 """Raise it when what a cached vector means changes (its normalisation, its encoding): every old
-key is then unreachable at once."""
+key is then unreachable at once. 2: the raw projection (the API normalises), where 1 was unit length."""
 BREAKER_FAILURES = 5
 """Failures in a row of the shared tier after which it is bypassed for `BREAKER_COOLDOWN_S`."""
 BREAKER_COOLDOWN_S = 5.0

@@ -1,4 +1,5 @@
-"""The CLIP model: loading it as configured, and batch -> L2-normalised float32 vectors.
+"""The CLIP model: loading it as configured, and batch -> float32 projections (not normalised:
+the API normalises unless asked for the raw projection, and the cache keeps the raw one).
 
 Weights come from an open_clip pretrained tag (fetched and cached by open_clip), a local
 checkpoint file, an open_clip `local-dir:` folder, or nowhere (`none`: random weights, whose
@@ -84,12 +85,24 @@ def model_id(settings: Settings, random_weights: bool) -> str:
     return f"{name}/{pretrained}"
 
 
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Texts tokenised to the model's context: ids, and how long each text really is."""
+
+    ids: torch.Tensor
+    """(N, context_length) token ids; a text that did not fit is cut to the context, its last id
+    the end-of-text token, as open_clip's tokenizer cuts it."""
+    lengths: list[int]
+    """Tokens each text needs, start and end included (more than the context: it was cut)."""
+
+
 @dataclass
 class LoadedModel:
     """A model ready to embed, with what the API reports about it."""
 
     model: Any
-    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    """open_clip's: `tokenizer(texts, context_length=N)` -> (len(texts), N) ids."""
     id: str
     architecture: str
     device: torch.device
@@ -97,6 +110,8 @@ class LoadedModel:
     preprocess: PreprocessConfig
     random_weights: bool
     dimension: int = 0
+    context_length: int = 77
+    """Tokens the text tower reads; a longer text is cut (`truncate`) or refused."""
 
     @property
     def dtype_name(self) -> str:
@@ -104,18 +119,29 @@ class LoadedModel:
 
     @torch.inference_mode()
     def encode_images(self, batch: torch.Tensor) -> np.ndarray:
-        """Normalised (N, 3, H, W) batch on the device -> (N, D) L2-normalised float32 vectors."""
-        features = self.model.encode_image(batch.to(self.device, self.dtype))
-        return _normalised(features)
+        """Normalised (N, 3, H, W) pixel batch on the device -> (N, D) float32 projections."""
+        return _projections(self.model.encode_image(batch.to(self.device, self.dtype)))
 
-    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Texts -> (N, context_length) token ids, on the CPU."""
-        return self.tokenizer(list(texts))
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """Texts -> token ids on the CPU, each cut to the context, and each text's true length.
+
+        One pass, one position past the context: a text whose ids reach that position did not fit.
+        Only such texts are measured in full (the tokenizer caches the words it has seen)."""
+        context = self.context_length
+        wide = self.tokenizer(list(texts), context_length=context + 1)
+        over = wide[:, context] != 0
+        ids = wide[:, :context].clone()
+        ids[over, context - 1] = wide[over, context]  # the end-of-text token, where it cuts a text
+        lengths = (ids != 0).sum(dim=1).tolist()
+        encode = getattr(self.tokenizer, "encode", None)
+        for row in over.nonzero().flatten().tolist():
+            lengths[row] = len(encode(texts[row])) + 2 if encode is not None else context + 1
+        return Tokens(ids, lengths)
 
     @torch.inference_mode()
     def encode_texts(self, tokens: torch.Tensor) -> np.ndarray:
-        """Token ids -> (N, D) L2-normalised float32 vectors, through the CLIP text tower."""
-        return _normalised(self.model.encode_text(tokens.to(self.device)))
+        """Token ids -> (N, D) float32 projections, through the CLIP text tower."""
+        return _projections(self.model.encode_text(tokens.to(self.device)))
 
     def weights_digest(self) -> str:
         """SHA-256 of every parameter and buffer as served (names, dtypes, shapes and bytes, after
@@ -131,14 +157,12 @@ class LoadedModel:
         """Run each tower once so the first request does not pay for lazy initialisation."""
         height, width = self.preprocess.size
         vectors = self.encode_images(torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype))
-        self.encode_texts(self.tokenize(["a photo"]))
+        self.encode_texts(self.tokenize(["a photo"]).ids)
         self.dimension = int(vectors.shape[1])
 
 
-def _normalised(features: torch.Tensor) -> np.ndarray:
-    features = features.float()
-    features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return features.cpu().numpy()
+def _projections(features: torch.Tensor) -> np.ndarray:
+    return features.float().cpu().numpy()
 
 
 def _random_requested(pretrained: str) -> bool:
@@ -225,6 +249,7 @@ def load_model(settings: Settings) -> LoadedModel:
         dtype=dtype,
         preprocess=PreprocessConfig.from_open_clip(preprocess_cfg),
         random_weights=random_weights,
+        context_length=int(getattr(model, "context_length", None) or tokenizer.context_length),
     )
     loaded.warm_up()
     log.info(

@@ -93,6 +93,19 @@ class ItemResult:
     tokens: int = 0
     cached: bool = False
     """The vector came from the embedding cache."""
+    truncated: bool = False
+    """A text cut to fit (`truncate`): the vector is of its beginning."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Text:
+    """A text accepted for tokenising: as sent (`text`), and as tokenised (`kept`)."""
+
+    index: int
+    text: str
+    kept: str
+    cut: bool
+    """`kept` is its beginning only (more characters than CLIPLENS_MAX_TEXT_CHARS)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,9 +385,11 @@ class EmbeddingService:
     ) -> Embeddings:
         """Embed texts with the CLIP text tower: tokenise on the text lane, then the model thread.
 
-        Texts follow the images' rules: admitted against the same bound, cut at the same deadline,
-        and capped in length before the (quadratic) tokenizer sees them: a longer text is the item
-        error `text_too_long`, or is cut to the cap when `truncate` is set.
+        Texts follow the images' rules: admitted against the same bound and cut at the same
+        deadline. A text must fit twice: in characters, checked before the (quadratic) tokenizer
+        sees it, and in the model's context, in tokens. A text that does not is the item error
+        `text_too_long` naming its length, or, when `truncate` is set, is cut to fit (its result
+        says so); it is never cut silently.
         """
         self._admit(len(texts), body_bytes)
         if self.cache is not None and not read_cache:
@@ -383,10 +398,10 @@ class EmbeddingService:
         deadline = time.monotonic() + self.settings.request_timeout_s
         limit = self.settings.max_text_chars
         results: dict[int, ItemResult] = {}
-        accepted: list[tuple[int, str]] = []
+        accepted: list[_Text] = []
         for index, text in enumerate(texts):
             if len(text) <= limit or truncate:
-                accepted.append((index, text[:limit]))
+                accepted.append(_Text(index, text, text[:limit], cut=len(text) > limit))
                 continue
             message = (
                 f"{len(text)} characters is more than the {limit} accepted (CLIPLENS_MAX_TEXT_CHARS); "
@@ -396,13 +411,17 @@ class EmbeddingService:
         try:
             if accepted:
                 work = self._track(
-                    asyncio.ensure_future(self._embed_accepted(accepted, timeline, request, read_cache))
+                    asyncio.ensure_future(
+                        self._embed_accepted(accepted, timeline, request, read_cache, truncate)
+                    )
                 )
                 await asyncio.wait([work], timeout=max(0.0, deadline - time.monotonic()))
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 if work.cancelled():
-                    results.update((i, ItemResult(i, texts[i], error=self._timeout())) for i, _ in accepted)
+                    results.update(
+                        (t.index, ItemResult(t.index, t.text, error=self._timeout())) for t in accepted
+                    )
                 else:
                     results.update((r.index, r) for r in work.result())
             timing = timeline.finish(self.tracer)
@@ -413,37 +432,65 @@ class EmbeddingService:
 
     async def _embed_accepted(
         self,
-        texts: Sequence[tuple[int, str]],
+        texts: Sequence[_Text],
         timeline: RequestTimeline,
         request: SpanContext,
         read_cache: bool,
+        truncate: bool,
     ) -> list[ItemResult]:
         tokenize = timeline.enter_all(Stage.PREPROCESS, len(texts))
         tokens = await self._on_cpu(
-            tokenize, self.model.tokenize, [text for _, text in texts], executor=self.text_executor
+            tokenize, self.model.tokenize, [text.kept for text in texts], executor=self.text_executor
         )
-        counts = (tokens != 0).sum(dim=1).tolist()
+        context = self.model.context_length
+        results: list[ItemResult] = []
+        rows: list[int] = []  # the texts that fit (or may be cut to fit)
+        for row, text in enumerate(texts):
+            if tokens.lengths[row] <= context or truncate:
+                rows.append(row)
+                continue
+            message = (
+                f"{tokens.lengths[row]} tokens is more than the {context} the model reads; "
+                "send `truncate: true` to embed its beginning"
+            )
+            results.append(
+                ItemResult(text.index, text.text, error=ItemError(ErrorCode.TEXT_TOO_LONG, message))
+            )
+        if not rows:
+            return results
+        ids = tokens.ids[rows]
         keys: list[str] = []
         found: dict[int, np.ndarray] = {}
         if self.cache is not None:  # texts are keyed by their token ids, looked up in one batch
-            with timeline.enter_all(Stage.CACHE, len(texts)).working() as lookup:
-                keys = [self.cache.key(content_key("text", row.tobytes())) for row in tokens.numpy()]
+            with timeline.enter_all(Stage.CACHE, len(rows)).working() as lookup:
+                keys = [self.cache.key(content_key("text", row.tobytes())) for row in ids.numpy()]
                 if read_cache:
                     answers = await self.cache.get_many(keys)
-                    found = {row: vector for row, (vector, _) in enumerate(answers) if vector is not None}
+                    found = {at: vector for at, (vector, _) in enumerate(answers) if vector is not None}
                     lookup.attributes.update(hits=len(found), misses=len(keys) - len(found))
-        todo = [row for row in range(len(texts)) if row not in found]
+        todo = [at for at in range(len(rows)) if at not in found]
         if todo:
-            timings = [timeline.enter(texts[row][0], Stage.EMBED, texts[row][1]) for row in todo]
-            vectors = await self.batcher.embed_texts(tokens[todo], timings, request)
+            timings = [
+                timeline.enter(texts[rows[at]].index, Stage.EMBED, texts[rows[at]].kept) for at in todo
+            ]
+            vectors = await self.batcher.embed_texts(ids[todo], timings, request)
             if self.cache is not None:
-                self.cache.put_many([(keys[row], vector) for row, vector in zip(todo, vectors, strict=True)])
+                self.cache.put_many([(keys[at], vector) for at, vector in zip(todo, vectors, strict=True)])
             found.update(zip(todo, vectors, strict=True))
         made = set(todo)
-        return [
-            ItemResult(index, text, found[row], tokens=int(counts[row]), cached=row not in made)
-            for row, (index, text) in enumerate(texts)
-        ]
+        for at, row in enumerate(rows):
+            text = texts[row]
+            results.append(
+                ItemResult(
+                    text.index,
+                    text.text,
+                    found[at],
+                    tokens=min(tokens.lengths[row], context),
+                    cached=at not in made,
+                    truncated=text.cut or tokens.lengths[row] > context,
+                )
+            )
+        return results
 
     async def _on_cpu(
         self,
