@@ -486,14 +486,15 @@ def replica_rows() -> list[Json]:
             overrides=[],
         ),
         timeseries(
-            "Download retries per second, by reason",
-            "Storage downloads retried (cliplens_download_retries_total): http_429, http_5xx, connection, "
-            "timeout. Retries that stay high mean the storage, not the service, is the bottleneck.",
+            "Download retries per second, by source and reason",
+            "Downloads retried (cliplens_download_retries_total), from GCS or image URLs: http_429, "
+            "http_5xx, connection, timeout. Retries that stay high mean the storage, not the service, "
+            "is the bottleneck.",
             [
                 target(
                     "A",
-                    f"sum by (reason) ({rate('cliplens_download_retries_total')})",
-                    "{{reason}}",
+                    f"sum by (source, reason) ({rate('cliplens_download_retries_total')})",
+                    "{{source}} {{reason}}",
                 )
             ],
             unit="short",

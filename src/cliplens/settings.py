@@ -16,14 +16,25 @@ pydantic-settings would turn `Settings` into a model that `dataclasses.replace` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -50,6 +61,27 @@ _AtLeastOne = Field(ge=1)
 _NotNegative = Field(ge=0)
 # A zero deadline or window would fail every request (or empty every gauge), so it is refused.
 _Positive = Field(gt=0)
+_HOST_NAME = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+def _hosts(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Each entry a host name, an IP address or `*`; a wildcard anywhere else is refused, since
+    `example.com` already allows its subdomains."""
+    for entry in entries:
+        host = entry.lower().strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            with contextlib.suppress(UnicodeError):  # a Unicode name: checked in its IDNA form
+                host = host.encode("idna").decode("ascii")
+            if host != "*" and not _HOST_NAME.match(host):
+                raise ValueError(
+                    f"{entry!r} is not a host name (`example.com` allows it and its subdomains, `*` any host)"
+                ) from None
+    return entries
+
+
+_Hosts = AfterValidator(_hosts)
 
 
 @with_config(alias_generator=lambda name: f"CLIPLENS_{name.upper()}")
@@ -82,6 +114,13 @@ class Settings:
     """Longest a single download may take (also bounded by what is left of the request's deadline)."""
     download_retries: Annotated[int, _NotNegative] = 3
     """Retries of a download after 429, 5xx or a broken connection (jittered exponential backoff)."""
+    url_hosts: Annotated[tuple[str, ...], _Csv, _Hosts] = ()
+    """Hosts `https://` image URLs may name, comma-separated (`example.com` also allows the hosts
+    under it, `*` any host); unset = URL inputs are refused (pipeline/urls.py has the SSRF rules)."""
+    url_allow_http: bool = False
+    """`CLIPLENS_URL_ALLOW_HTTP=1`: also fetch `http://` URLs (same hosts and address rules)."""
+    url_allow_loopback: bool = False
+    """For tests only: URLs may reach loopback (127.0.0.0/8, ::1); never other non-public addresses."""
 
     max_inputs: Annotated[int, _AtLeastOne] = 256
     """Most items one request may carry; more gets 413."""

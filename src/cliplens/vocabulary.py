@@ -1,4 +1,5 @@
-"""The words cliplens speaks, each defined once: stages, modalities, item errors, request errors.
+"""The words cliplens speaks, each defined once: stages, modalities, image sources, item errors,
+request errors.
 
 Everything else imports them from here: the pipeline raises them, telemetry labels metrics and
 spans with them, the HTTP edge maps them to statuses (api/errors.py, one table), and the
@@ -51,6 +52,18 @@ class Modality(StrEnum):
 
     IMAGE = "image"
     TEXT = "text"
+
+
+class Source(StrEnum):
+    """Where an image's bytes come from: the `source` label of the download and storage families
+    and the `cliplens.image.source` of its `load` event."""
+
+    GCS = "gcs"
+    LOCAL = "local"
+    URL = "url"
+    """an http(s) URL on an allowed host (pipeline/urls.py)"""
+    INLINE = "inline"
+    """bytes that came with the request (a data: URI or an uploaded file)"""
 
 
 class ErrorCode(StrEnum):

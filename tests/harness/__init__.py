@@ -2,6 +2,8 @@
 
 - `servers`: fake-gcs-server and OTLP trace receivers (gRPC and HTTP) on loopback;
 - `faulty_gcs`: a GCS stand-in that misbehaves on purpose, object by object;
+- `image_host`: a web server that serves images by URL (statuses, redirects, oversized bodies)
+  and records every request, for the URL-input tests;
 - `prometheus`: a real Prometheus run from a copy of the project's observability/ folder;
 - `stage_load`: the closed-loop load at rising concurrency that the Prometheus tests send;
 - `dashboards`: the Grafana dashboards' queries, evaluated against such a load, and the checks

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.settings import Settings
-from tests.conftest import BUCKET, photo_bytes, running
+from tests.conftest import BUCKET, PARTIAL, photo_bytes, running
 from tests.harness.hostile_bytes import HOSTILE_FILES, MAX_IMAGE_BYTES, PHOTO, jpeg_claiming, save
 from tests.harness.servers import FakeGcs
 
@@ -143,7 +143,7 @@ LOCAL_REFERENCES: list[tuple[str, str]] = [
     (".", "invalid_reference"),
     ("..", "invalid_reference"),
     ("file:///etc/passwd", "invalid_reference"),
-    ("http://169.254.169.254/computeMetadata/v1/", "invalid_reference"),
+    ("http://169.254.169.254/computeMetadata/v1/", "forbidden"),  # URLs are off (CLIPLENS_URL_HOSTS)
     ("gs://photos%2Fo%2Fother%2Fobj%3Falt%3Dmedia%23/x.jpg", "invalid_reference"),
     ("gs://photos/o/other%2Fobj?alt=media#", "forbidden"),  # no bucket is allowed in this service
     ("%2e%2e/outside.jpg", "not_found"),
@@ -166,6 +166,7 @@ def settings_hostile(tiny_weights: Path, layout: Path) -> Settings:
         max_inputs=64,
         max_image_bytes=MAX_IMAGE_BYTES,
         request_timeout_s=20.0,
+        on_error=PARTIAL,
     )
 
 
@@ -395,6 +396,7 @@ def gcs_service(tiny_weights: Path, fake_gcs: FakeGcs) -> Iterator[Client]:
         gcs_emulator_host=fake_gcs.url,
         cpu_workers=2,
         download_retries=0,
+        on_error=PARTIAL,
     )
     with running(settings) as client:
         yield client

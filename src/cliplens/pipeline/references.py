@@ -1,10 +1,13 @@
 """What an image item of a request refers to, parsed and validated before any I/O.
 
-An item is one of: a `gs://bucket/object` URI, a `data:image/...;base64,` URI, or a bare object
-name in the default image source (the default bucket when one is set, else the local directory).
-Anything else, http(s) URLs included, is refused: the service must never fetch an address a
-client chose. Validation follows the GCS naming rules, so that a crafted bucket or object name
-can never change the URL the storage client builds.
+An item is one of: a `gs://bucket/object` URI, a `data:image/...;base64,` URI, an `https://` URL
+(`http://` too when allowed) on a host of `CLIPLENS_URL_HOSTS`, or a bare object name in the
+default image source (the default bucket when one is set, else the local directory). Anything
+else is refused. URLs are off unless hosts are listed (`forbidden`): fetching an address a client
+chose is a request forgery risk, so a URL passes the rules of pipeline/urls.py here (scheme,
+syntax, credentials, allowlist) and again, with its resolved addresses, before any connection.
+Validation follows the GCS naming rules, so that a crafted bucket or object name can never change
+the URL the storage client builds.
 
 Parsing runs on the event loop, so it costs no more than a glance at the string: a reference too
 long to name any object is refused from its length alone, and a large data: URI is not decoded
@@ -18,6 +21,9 @@ import binascii
 import re
 from dataclasses import dataclass
 
+import yarl
+
+from cliplens.pipeline.urls import SCHEMES, UrlPolicy, redacted
 from cliplens.vocabulary import ErrorCode, ItemError
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
@@ -67,6 +73,17 @@ class LocalReference:
 
 
 @dataclass(frozen=True, slots=True)
+class UrlReference:
+    """An image at an http(s) URL that passed the URL policy's checks (pipeline/urls.py); the load
+    stage checks its addresses, and every redirect's, before connecting."""
+
+    url: yarl.URL
+
+    def __str__(self) -> str:
+        return redacted(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class InlineReference:
     """Image bytes that came with the request (a data: URI or an uploaded file)."""
 
@@ -109,7 +126,9 @@ class RefusedReference:
         return self.label
 
 
-Reference = GcsReference | LocalReference | InlineReference | DataUriReference | RefusedReference
+Reference = (
+    GcsReference | LocalReference | UrlReference | InlineReference | DataUriReference | RefusedReference
+)
 
 
 def decode_base64(text: str, start: int, end: int) -> bytes:
@@ -176,11 +195,15 @@ class ReferenceParser:
     default_bucket: str | None
     has_local_root: bool
     max_image_bytes: int
+    urls: UrlPolicy | None = None
+    """Which URLs items may name; None (or no hosts) = URLs are `forbidden`."""
 
     def parse(self, item: str) -> Reference:
         """Parse one input string; raise ItemError with the code the client should see."""
         if item[:5].lower() == "data:":
             return self._parse_data_uri(item)
+        if self.urls is not None and self.urls.enabled and item[:8].lower().startswith(SCHEMES):
+            return UrlReference(self.urls.check(item).url)  # its own length cap (MAX_URL_BYTES)
         if _is_longer_than(item, MAX_REFERENCE_BYTES):
             raise ItemError(
                 ErrorCode.INVALID_REFERENCE,
@@ -191,6 +214,11 @@ class ReferenceParser:
             return self._parse_gs_uri(item)
         if _SCHEME.match(item):
             scheme = item.split(":", 1)[0]
+            if item[:8].lower().startswith(SCHEMES):
+                raise ItemError(
+                    ErrorCode.FORBIDDEN,
+                    f"{scheme}:// URLs are off in this service (CLIPLENS_URL_HOSTS lists the hosts allowed)",
+                )
             raise ItemError(
                 ErrorCode.INVALID_REFERENCE,
                 f"{scheme}:// references are not fetched; use gs://, data: or an object name",

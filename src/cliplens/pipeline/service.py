@@ -18,7 +18,7 @@ drain (SIGTERM) brings every deadline forward to just inside the grace period.
 
 With the embedding cache on (pipeline/cache.py), an item whose storage can say which bytes it
 names (a GCS object's generation, a file's status) is looked up before its load (stage `cache`);
-inline bytes are hashed and looked up after theirs. A hit is the item's vector: it crosses no
+inline bytes and URL images are hashed and looked up after theirs. A hit is the item's vector: it crosses no
 other stage. Every vector made is written to the cache, even when the request skipped lookups.
 """
 
@@ -45,8 +45,9 @@ from cliplens.pipeline.decode import DecodedImage, decode_cost, decode_image, de
 from cliplens.pipeline.model import LoadedModel, load_model
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.pipeline.references import GcsReference, LocalReference, Reference, ReferenceParser
-from cliplens.pipeline.sources import Content, GcsSource, ImageSources, LocalDirectorySource
+from cliplens.pipeline.sources import Content, GcsSource, ImageSources, LocalDirectorySource, UrlSource
 from cliplens.pipeline.storage_health import StorageHealth, require_image_root
+from cliplens.pipeline.urls import UrlPolicy
 from cliplens.settings import Settings
 from cliplens.telemetry.device import GpuCollector
 from cliplens.telemetry.loop import LoopLagMonitor
@@ -59,6 +60,7 @@ from cliplens.vocabulary import (
     Overloaded,
     RequestError,
     RequestErrorCode,
+    Source,
     Stage,
 )
 
@@ -159,11 +161,13 @@ class EmbeddingService:
         self._trim: asyncio.TimerHandle | None = None
         self.download_slots = asyncio.Semaphore(settings.max_downloads)
         self.preprocessor = Preprocessor(model.preprocess, model.device)
+        urls = UrlPolicy(settings.url_hosts, settings.url_allow_http, settings.url_allow_loopback)
         self.parser = ReferenceParser(
             buckets=settings.buckets,
             default_bucket=settings.default_bucket,
             has_local_root=settings.image_root is not None,
             max_image_bytes=settings.max_image_bytes,
+            urls=urls,
         )
         self.images_in_flight = 0
         metrics.images_in_flight_limit.set(settings.max_images_in_flight)
@@ -179,9 +183,19 @@ class EmbeddingService:
                 settings.gcs_emulator_host,
                 timeout_s=settings.download_timeout_s,
                 retries=settings.download_retries,
-                on_retry=lambda reason: metrics.download_retries_total.labels(reason).inc(),
+                on_retry=lambda reason: metrics.download_retries_total.labels(Source.GCS, reason).inc(),
             )
-        self.sources = ImageSources(local, gcs, settings.max_image_bytes)
+        url = None
+        if urls.enabled:
+            url = UrlSource(
+                urls,
+                settings.max_image_bytes,
+                timeout_s=settings.download_timeout_s,
+                retries=settings.download_retries,
+                on_retry=lambda reason: metrics.download_retries_total.labels(Source.URL, reason).inc(),
+                connections=settings.max_downloads,
+            )
+        self.sources = ImageSources(local, gcs, settings.max_image_bytes, url)
         self.loop_lag = loop_lag
         self.storage_health = StorageHealth(metrics, settings.image_root, gcs, settings.default_bucket)
         self.storage_health.start()
@@ -228,6 +242,7 @@ class EmbeddingService:
         self.text_executor.shutdown(wait=True, cancel_futures=True)
         if self._http_session is not None:
             await self._http_session.close()
+        await self.sources.close()
         if self.cache is not None:
             await self.cache.close()
 
@@ -538,6 +553,7 @@ class EmbeddingService:
                     timing.attributes["loop_lag_ms"] = round(late_s * 1e3, 1)
 
     async def _read(self, timing: StageTiming, reference: Reference, deadline: float) -> Content:
+        timing.attributes["source"] = self.sources.source_of(reference).value
         if not self.sources.needs_slot(reference):
             with timing.working():
                 content = await self.sources.load(reference, calls=timing.calls)

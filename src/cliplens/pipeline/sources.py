@@ -1,15 +1,17 @@
 """Image sources: a reference in, the image's encoded bytes out (the `load` stage).
 
-Three sources: Google Cloud Storage through gcloud-aio-storage (one HTTP session for the life of
+Four sources: Google Cloud Storage through gcloud-aio-storage (one HTTP session for the life of
 the app, never one per request), a local directory (the embedded default: the service runs with no
-cloud at all), and bytes that came inline with the request (a large data: URI is decoded here, in a
-worker thread, so that tens of megabytes of base64 never hold the event loop). Every failure becomes
-an ItemError with the vocabulary's code; nothing here knows about HTTP responses of the API.
+cloud at all), http(s) URLs on allowed hosts, fetched under the SSRF rules of pipeline/urls.py (off
+unless `CLIPLENS_URL_HOSTS` is set; a session of their own), and bytes that came inline with the
+request (a large data: URI is decoded here, in a worker thread, so that tens of megabytes of base64
+never hold the event loop). Every failure becomes an ItemError with the vocabulary's code; nothing
+here knows about HTTP responses of the API.
 
 A source also says *which* bytes it read (`Content.identity`) and can tell which bytes a reference
 names now without reading them (`identify`): a GCS object's generation, a file's inode, size and
-mtime. The embedding cache keys on that (pipeline/cache.py); inline bytes have no identity but
-themselves.
+mtime. The embedding cache keys on that (pipeline/cache.py); inline bytes and URLs have no
+identity but their bytes (a URL's answer can change at any time, and no header says it did).
 
 What a source asks of storage is recorded, for the traces, in the `calls` list the caller passes
 (the item's `StageTiming.calls`): one `ClientCall` per HTTP attempt (retries included) and per file
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import yarl
 from gcloud.aio.storage import Storage
 from tenacity import (
     AsyncRetrying,
@@ -49,11 +53,22 @@ from cliplens.pipeline.references import (
     LocalReference,
     Reference,
     RefusedReference,
+    UrlReference,
     validate_bucket,
     validate_object_name,
 )
+from cliplens.pipeline.urls import (
+    MAX_REDIRECTS,
+    PinnedResolver,
+    Resolve,
+    Target,
+    UrlPolicy,
+    pinned,
+    redacted,
+    resolve_host,
+)
 from cliplens.telemetry.stages import ClientCall
-from cliplens.vocabulary import ErrorCode, ItemError
+from cliplens.vocabulary import ErrorCode, ItemError, Source
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -269,59 +284,28 @@ class GcsSource:
         once: Callable[[GcsReference, float, ClientCall], Awaitable[_R]],
         calls: list[ClientCall] | None,
     ) -> _R:
-        """`once(reference, timeout_s, call)`, retried as the class docstring says, each attempt
-        recorded in `calls` (and a retried one with the reason and the backoff chosen).
+        """`once(reference, timeout_s, call)`, retried as the class docstring says (`_retrying`),
+        each attempt one call in `calls`.
 
         The names are validated again here, whoever built the reference: gcloud-aio puts the bucket
         into the URL unescaped, so a bucket with `/`, `?` or `#` would read another object.
         """
         validate_bucket(reference.bucket)
         validate_object_name(reference.name)
-        budget = self.timeout_s * (self.retries + 1) if deadline is None else deadline - time.monotonic()
 
-        def wait(state: RetryCallState) -> float:
-            backoff = _BACKOFF(state)
-            exc = state.outcome.exception() if state.outcome else None
-            hinted = exc.retry_after_s if isinstance(exc, _Transient) else None
-            return max(backoff, hinted or 0.0)
+        async def attempt(timeout_s: float, resend_count: int, attempts: list[ClientCall]) -> _R:
+            call = ClientCall.http("GET", resend_count=resend_count)
+            attempts.append(call)
+            try:
+                return await once(reference, timeout_s, call)
+            except BaseException as exc:
+                call.fail(exc)
+                raise
+            finally:
+                call.end()
 
-        attempts: list[ClientCall] = [] if calls is None else calls
-
-        def count(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            if not isinstance(exc, _Transient):
-                return
-            if self.on_retry is not None:
-                self.on_retry(exc.reason)
-            if attempts and state.next_action is not None:
-                attempts[-1].retried(exc.reason, state.next_action.sleep)
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_Transient),
-            stop=stop_after_attempt(self.retries + 1) | stop_before_delay(max(budget, 0.0)),
-            wait=wait,
-            before_sleep=count,
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    remaining = self.timeout_s if deadline is None else deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ItemError(ErrorCode.TIMEOUT, f"no time left to download {reference}")
-                    call = ClientCall.http("GET", resend_count=attempt.retry_state.attempt_number - 1)
-                    attempts.append(call)
-                    try:
-                        return await once(reference, min(self.timeout_s, remaining), call)
-                    except BaseException as exc:
-                        call.fail(exc)
-                        raise
-                    finally:
-                        call.end()
-        except _Transient as exc:
-            code = ErrorCode.TIMEOUT if exc.reason == "timeout" else ErrorCode.STORAGE_UNAVAILABLE
-            raise ItemError(code, exc.message) from None
-        raise AssertionError("unreachable: tenacity re-raises the last error")
+        timeout_s, retries = self.timeout_s, self.retries
+        return await _retrying(reference, deadline, calls, attempt, timeout_s, retries, self.on_retry)
 
     async def _generation_once(
         self, reference: GcsReference, timeout_s: float, call: ClientCall
@@ -377,7 +361,7 @@ class GcsSource:
 
 
 @contextlib.contextmanager
-def _storage_errors(reference: GcsReference, timeout_s: float, call: ClientCall) -> Iterator[None]:
+def _storage_errors(reference: object, timeout_s: float, call: ClientCall) -> Iterator[None]:
     """Storage's answers and failures as the vocabulary's errors (`_Transient` where worth a retry);
     what failed, before it is translated, on `call` (a status answered is already there)."""
     try:
@@ -399,7 +383,61 @@ def _storage_errors(reference: GcsReference, timeout_s: float, call: ClientCall)
         ) from None
 
 
-def _from_status(status: int, reference: GcsReference, retry_after_s: float | None) -> ItemError:
+async def _retrying(
+    what: object,
+    deadline: float | None,
+    calls: list[ClientCall] | None,
+    attempt: Callable[[float, int, list[ClientCall]], Awaitable[_R]],
+    timeout_s: float,
+    retries: int,
+    on_retry: Callable[[str], None] | None,
+) -> _R:
+    """`attempt(timeout_s, resend_count, calls)`, retried after a `_Transient` failure with jittered
+    exponential backoff (or Retry-After, when longer), at most `retries` times, within `deadline`
+    (time.monotonic; else `timeout_s` per attempt and retry). Each attempt records its calls in
+    `calls`; the last one recorded before a retry gets the reason and the backoff chosen, and
+    `on_retry` the reason. The last transient failure becomes `timeout` or `storage_unavailable`.
+    """
+    budget = timeout_s * (retries + 1) if deadline is None else deadline - time.monotonic()
+
+    def wait(state: RetryCallState) -> float:
+        backoff = _BACKOFF(state)
+        exc = state.outcome.exception() if state.outcome else None
+        hinted = exc.retry_after_s if isinstance(exc, _Transient) else None
+        return max(backoff, hinted or 0.0)
+
+    attempts: list[ClientCall] = [] if calls is None else calls
+
+    def count(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if not isinstance(exc, _Transient):
+            return
+        if on_retry is not None:
+            on_retry(exc.reason)
+        if attempts and state.next_action is not None:
+            attempts[-1].retried(exc.reason, state.next_action.sleep)
+
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(_Transient),
+        stop=stop_after_attempt(retries + 1) | stop_before_delay(max(budget, 0.0)),
+        wait=wait,
+        before_sleep=count,
+        reraise=True,
+    )
+    try:
+        async for try_ in retrying:
+            with try_:
+                remaining = timeout_s if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ItemError(ErrorCode.TIMEOUT, f"no time left to download {what}")
+                return await attempt(min(timeout_s, remaining), try_.retry_state.attempt_number - 1, attempts)
+    except _Transient as exc:
+        code = ErrorCode.TIMEOUT if exc.reason == "timeout" else ErrorCode.STORAGE_UNAVAILABLE
+        raise ItemError(code, exc.message) from None
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+def _from_status(status: int, reference: object, retry_after_s: float | None) -> ItemError:
     if status == 404:
         return ItemError(ErrorCode.NOT_FOUND, f"{reference} does not exist")
     if status in (401, 403):
@@ -414,12 +452,168 @@ def _from_status(status: int, reference: GcsReference, retry_after_s: float | No
     return ItemError(ErrorCode.STORAGE_UNAVAILABLE, message)
 
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_NO_SUCH_HOST = frozenset(
+    code
+    for code in (getattr(socket, name, None) for name in ("EAI_NONAME", "EAI_NODATA"))
+    if code is not None
+)
+
+
+class UrlSource:
+    """Images at http(s) URLs, under the rules of pipeline/urls.py, through a session of their own.
+
+    Each hop (the URL, then each redirect, at most `MAX_REDIRECTS`) is checked before it connects:
+    the URL against the policy, then every address its host resolves to (`resolve`, a parameter so
+    that tests can make a name resolve anywhere); the connection goes to those addresses only
+    (`PinnedResolver`). The body is read up to the byte cap (a larger Content-Length is refused
+    before reading), asked for and accepted only uncompressed (a compressed body could expand past
+    the cap before it is counted). Failures are retried like GCS downloads (`_retrying`): 429, 5xx,
+    broken connections and timeouts; 404 and 410 are `not_found`, 401 and 403 `forbidden`. Each hop
+    is a `GET` call in `calls`, its URL without the query (a signed URL's query is a credential).
+    No cookie is kept and no proxy from the environment is used.
+    """
+
+    def __init__(
+        self,
+        policy: UrlPolicy,
+        max_bytes: int,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        on_retry: Callable[[str], None] | None = None,
+        resolve: Resolve = resolve_host,
+        connections: int = 32,
+    ) -> None:
+        self.policy = policy
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.on_retry = on_retry
+        self.resolve = resolve
+        """(host, port) -> addresses; the addresses checked and connected to are these."""
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, resolver=PinnedResolver(), use_dns_cache=False),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            headers={"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "cliplens"},
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def load(
+        self, reference: UrlReference, deadline: float | None = None, calls: list[ClientCall] | None = None
+    ) -> Content:
+        """The image's bytes (no identity); `deadline` (time.monotonic) bounds every attempt, its
+        redirects included, and every backoff; each hop of each attempt is recorded in `calls`."""
+
+        async def attempt(timeout_s: float, resend_count: int, attempts: list[ClientCall]) -> Content:
+            return await self._fetch_once(reference, timeout_s, resend_count, attempts)
+
+        timeout_s, retries = self.timeout_s, self.retries
+        return await _retrying(reference, deadline, calls, attempt, timeout_s, retries, self.on_retry)
+
+    async def _fetch_once(
+        self, reference: UrlReference, timeout_s: float, resend_count: int, calls: list[ClientCall]
+    ) -> Content:
+        ends = time.monotonic() + timeout_s
+        url = reference.url
+        for _ in range(MAX_REDIRECTS + 1):
+            target = self.policy.check(url)
+            addresses = await self._addresses(target, ends)
+            call = ClientCall.http("GET", resend_count=resend_count)
+            calls.append(call)
+            try:
+                with _storage_errors(reference, timeout_s, call), pinned(target.host, addresses):
+                    call.sent(redacted(target.url))
+                    left = max(ends - time.monotonic(), 0.001)
+                    async with self.session.get(
+                        target.url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=left)
+                    ) as response:
+                        call.answered(response.status)
+                        if response.status in _REDIRECTS:
+                            url = _redirect_target(target.url, response.headers.get("Location"))
+                            continue
+                        if response.status >= 300:
+                            status = 404 if response.status == 410 else response.status  # gone: not found
+                            raise _from_status(status, reference, _retry_after(response.headers))
+                        return Content(await self._body(response, call))
+            except BaseException as exc:
+                call.fail(exc)
+                raise
+            finally:
+                call.end()
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{reference} redirects more than {MAX_REDIRECTS} times")
+
+    async def _addresses(self, target: Target, ends: float) -> tuple[str, ...]:
+        """The policy's checked addresses for the hop; a failed lookup is `not_found` (no such
+        name) or a transient failure (no answer in time, or a resolver error)."""
+        host = target.host
+        try:
+            async with asyncio.timeout(max(ends - time.monotonic(), 0.0)):
+                return await self.policy.addresses(target, self.resolve)
+        except TimeoutError:
+            raise _Transient(ErrorCode.TIMEOUT, f"looking up {host} took too long", "timeout") from None
+        except socket.gaierror as exc:
+            if exc.errno in _NO_SUCH_HOST:
+                raise ItemError(ErrorCode.NOT_FOUND, f"no such host: {host}") from None
+            raise _Transient(
+                ErrorCode.STORAGE_UNAVAILABLE, f"looking up {host} failed: {exc}", "connection"
+            ) from None
+        except OSError as exc:
+            raise _Transient(
+                ErrorCode.STORAGE_UNAVAILABLE, f"looking up {host} failed: {type(exc).__name__}", "connection"
+            ) from None
+
+    async def _body(self, response: aiohttp.ClientResponse, call: ClientCall) -> bytes:
+        """The body, at most `max_bytes` of it, uncompressed only."""
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ItemError(
+                ErrorCode.UNSUPPORTED_FORMAT,
+                f"the server sent the image {encoding}-encoded; only an uncompressed body is accepted",
+            )
+        if response.content_length is not None and response.content_length > self.max_bytes:
+            raise ItemError(ErrorCode.TOO_LARGE, f"the image is larger than {self.max_bytes} bytes")
+        chunks: list[bytes] = []
+        received = 0
+        try:
+            while chunk := await response.content.read(_CHUNK):
+                received += len(chunk)
+                if received > self.max_bytes:
+                    raise ItemError(ErrorCode.TOO_LARGE, f"the image is larger than {self.max_bytes} bytes")
+                chunks.append(chunk)
+        finally:
+            call.received(received)
+        return b"".join(chunks)
+
+
+def _redirect_target(current: yarl.URL, location: str | None) -> yarl.URL:
+    """Where a redirect points, relative to the URL that answered it; checked by the next hop."""
+    if not location:
+        raise ItemError(ErrorCode.INVALID_REFERENCE, f"{redacted(current)} redirects without a Location")
+    try:
+        return current.join(yarl.URL(location))
+    except (ValueError, TypeError, UnicodeError):
+        raise ItemError(
+            ErrorCode.INVALID_REFERENCE, f"{redacted(current)} redirects to an unparseable Location"
+        ) from None
+
+
 class ImageSources:
     """Routes each reference to the source that holds it."""
 
-    def __init__(self, local: LocalDirectorySource | None, gcs: GcsSource | None, max_bytes: int) -> None:
+    def __init__(
+        self,
+        local: LocalDirectorySource | None,
+        gcs: GcsSource | None,
+        max_bytes: int,
+        url: UrlSource | None = None,
+    ) -> None:
         self.local = local
         self.gcs = gcs
+        self.url = url
         self.max_bytes = max_bytes
         self.base64_lane = asyncio.Semaphore(1)
         """Large data: URIs are decoded one at a time: binascii holds the GIL, so two decoding at
@@ -428,11 +622,23 @@ class ImageSources:
 
     def needs_slot(self, reference: Reference) -> bool:
         """Whether reading the reference is I/O that must wait for a download slot."""
-        return isinstance(reference, (GcsReference, LocalReference))
+        return isinstance(reference, (GcsReference, LocalReference, UrlReference))
 
     def identifies(self, reference: Reference) -> bool:
-        """Whether storage can tell which bytes the reference names without reading them."""
+        """Whether storage can tell which bytes the reference names without reading them (a URL
+        cannot: its bytes are loaded, then hashed, like inline bytes)."""
         return isinstance(reference, (GcsReference, LocalReference))
+
+    @staticmethod
+    def source_of(reference: Reference) -> Source:
+        """Where the reference's bytes come from (the `source` of its load event)."""
+        if isinstance(reference, GcsReference):
+            return Source.GCS
+        if isinstance(reference, LocalReference):
+            return Source.LOCAL
+        if isinstance(reference, UrlReference):
+            return Source.URL
+        return Source.INLINE
 
     async def identify(
         self,
@@ -462,12 +668,24 @@ class ImageSources:
             return Content(reference.data)
         if isinstance(reference, LocalReference):
             return await asyncio.to_thread(self._local().load, reference.name, calls)
+        if isinstance(reference, UrlReference):
+            return await self._url().load(reference, deadline, calls)
         return await self._gcs().load(reference, deadline, calls)
+
+    async def close(self) -> None:
+        """Close the URL source's session (the GCS session belongs to the service)."""
+        if self.url is not None:
+            await self.url.close()
 
     def _local(self) -> LocalDirectorySource:
         if self.local is None:
             raise ItemError(ErrorCode.INVALID_REFERENCE, "no local image directory is configured")
         return self.local
+
+    def _url(self) -> UrlSource:
+        if self.url is None:
+            raise ItemError(ErrorCode.FORBIDDEN, "image URLs are off in this service (CLIPLENS_URL_HOSTS)")
+        return self.url
 
     def _gcs(self) -> GcsSource:
         if self.gcs is None:

@@ -39,12 +39,14 @@ from prometheus_client import (
 
 from cliplens.telemetry.extremes import WindowedExtremes
 from cliplens.telemetry.threads import POOLS, MeteredPool, ThreadsCollector
-from cliplens.vocabulary import IMAGE_WORK_STAGES, ErrorCode, Modality, RequestErrorCode, Stage
+from cliplens.vocabulary import IMAGE_WORK_STAGES, ErrorCode, Modality, RequestErrorCode, Source, Stage
 
 OUTCOMES: tuple[str, ...] = ("ok", *ErrorCode)
 REJECTIONS: tuple[RequestErrorCode, ...] = (RequestErrorCode.OVERLOADED, RequestErrorCode.SHUTTING_DOWN)
 """The request errors counted by `cliplens_rejected_requests_total{reason}` (refused before any work)."""
 RETRY_REASONS: tuple[str, ...] = ("http_429", "http_5xx", "connection", "timeout")
+DOWNLOAD_SOURCES: tuple[Source, ...] = (Source.GCS, Source.URL)
+"""The sources that download over HTTP, and so may retry: `cliplens_download_retries_total{source}`."""
 CACHE_TIERS: tuple[str, ...] = ("memory", "redis")
 CACHE_LOOKUP_RESULTS: tuple[str, ...] = ("hit", "miss", "error", "bypass")
 CACHE_WRITE_RESULTS: tuple[str, ...] = ("ok", "error", "bypass")
@@ -178,8 +180,8 @@ class Metrics:
         )
         self.download_retries_total = Counter(
             "cliplens_download_retries_total",
-            "Storage downloads retried, by reason: http_429, http_5xx, connection, timeout.",
-            ["reason"],
+            "Downloads retried, by source (gcs, url) and reason: http_429, http_5xx, connection, timeout.",
+            ["source", "reason"],
             registry=reg,
         )
         self.model_info = Gauge(
@@ -294,8 +296,9 @@ class Metrics:
             self.rejected_requests_total.labels(rejection)
         for pool in POOLS:
             self.cpu_pool_busy_seconds.labels(pool)
-        for reason in RETRY_REASONS:
-            self.download_retries_total.labels(reason)
+        for source in DOWNLOAD_SOURCES:
+            for reason in RETRY_REASONS:
+                self.download_retries_total.labels(source, reason)
         for outcome in OUTCOMES:
             self.images_total.labels(outcome)
         for tier in CACHE_TIERS:

@@ -31,9 +31,11 @@ path is left out: the reference is already in the item event, and the absolute p
 add the server's directory layout.
 
 **No user text.** An image's event carries its reference (`cliplens.image.ref`, what the client
-named, cut to 256 characters). A text's event never carries the text: `cliplens.text.length`
-(characters) and `cliplens.text.sha256` (the first 16 hex digits of the SHA-256 of its UTF-8
-bytes, as embedded) let an operator tell texts apart and find repeats without reading them; only
+named, cut to 256 characters; an http(s) URL without its query and fragment, which can hold a
+signed URL's credentials, as the `url.full` of its calls does) and its `source` on the `load`
+stage. A text's event never carries the text: `cliplens.text.length` (characters) and
+`cliplens.text.sha256` (the first 16 hex digits of the SHA-256 of its UTF-8 bytes, as embedded)
+let an operator tell texts apart and find repeats without reading them; only
 `CLIPLENS_TRACE_TEXT=1` adds `cliplens.text.content`. A short or common text can still be guessed
 from its hash by trying candidates: the hash is a correlation handle, not an anonymisation. The
 tokenising and the cache lookup of a text request handle all its texts at once: their one event
@@ -67,6 +69,7 @@ from cliplens.telemetry.metrics import Metrics
 from cliplens.vocabulary import ErrorCode, ItemError, Modality, Stage
 
 _MAX_REF_CHARS = 256
+_URL_SCHEMES = ("http://", "https://")
 HTTP_RESPONSE_BODY_SIZE = "http.response.body.size"
 """Not yet stable in the conventions (so not in `opentelemetry.semconv.attributes`)."""
 FILE_SIZE = "file.size"
@@ -86,6 +89,13 @@ def exemplar_for(span_context: SpanContext | None) -> dict[str, str] | None:
     if span_context is None or not span_context.is_valid or not span_context.trace_flags.sampled:
         return None
     return {"trace_id": trace.format_trace_id(span_context.trace_id)}
+
+
+def _without_query(reference: str) -> str:
+    """An http(s) URL reference up to its query or fragment; any other reference as it is."""
+    if not reference[:8].lower().startswith(_URL_SCHEMES):
+        return reference
+    return reference.split("?", 1)[0].split("#", 1)[0]
 
 
 class _WallClock:
@@ -291,7 +301,7 @@ class RequestTimeline:
         """The item at `index` is handed to `stage` now; `reference` is what the client sent for it
         (an image's reference, or the text itself, which is kept only with `trace_text`)."""
         if self._modality is Modality.IMAGE:
-            return self._enter(index, stage, reference[:_MAX_REF_CHARS])
+            return self._enter(index, stage, _without_query(reference)[:_MAX_REF_CHARS])
         timing = self._enter(index, stage, reference if self._trace_text else "")
         timing.attributes["length"] = len(reference)
         digest = hashlib.sha256(reference.encode("utf-8", "surrogatepass"))
