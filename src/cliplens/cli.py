@@ -31,6 +31,7 @@ from cliplens.telemetry.logs import configure_logging
 
 if TYPE_CHECKING:
     from cliplens.experiment.load import Scenario
+    from cliplens.experiment.storage import BucketPrefix
     from cliplens.experiment.study import StudyPlan
 
 log = logging.getLogger("cliplens.cli")
@@ -70,13 +71,27 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return serve(settings, args.host, args.port)
 
 
-def _photos(text: str) -> int | Path:
-    """`--photos 48` generates 48 photos; `--photos ./my-photos` uses a folder (`./48` for one named 48)."""
+def _photos(text: str) -> int | Path | BucketPrefix:
+    """`--photos 48` generates 48 photos; `--photos ./my-photos` uses a folder (`./48` for one named 48);
+    `--photos gs://bucket/prefix` the photos already in a bucket."""
     if text.isdigit():
         if int(text) < 1:
             raise argparse.ArgumentTypeError("at least one photo")
         return int(text)
+    if text.startswith("gs://"):
+        from cliplens.experiment.storage import BucketPrefix
+
+        try:
+            return BucketPrefix.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return Path(text)
+
+
+def _limit(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of photos, at least 1")
+    return int(text)
 
 
 def _scenario(text: str) -> Scenario:
@@ -111,21 +126,24 @@ def _plan(args: argparse.Namespace, argv: Sequence[str], demo: bool) -> StudyPla
 
     photos_dir = args.photos if isinstance(args.photos, Path) else None
     count = args.photos if isinstance(args.photos, int) else None
+    bucket = None if photos_dir is not None or count is not None else args.photos
     if args.scenario:
         scenarios = tuple(args.scenario)
     elif demo:
         scenarios = _demo_scenarios(count or DEMO_PHOTOS)
     else:
         scenarios = STUDY_SCENARIOS
-    if demo and count is None and photos_dir is None:
+    if demo and args.photos is None:
         count = DEMO_PHOTOS
     return StudyPlan(
         scenarios=scenarios,
         out_dir=Path(args.dir),
         label=args.label,
         url=args.url,
-        storage=args.storage,
+        storage=args.storage or ("gcs" if bucket is not None else "local"),
         photos_dir=photos_dir,
+        photos_bucket=bucket,
+        limit=args.limit,
         corpus_size=count,
         mix=args.mix,
         seed=args.seed,
@@ -197,17 +215,19 @@ def _add_study_options(parser: argparse.ArgumentParser, demo: bool) -> None:
     target.add_argument(
         "--storage",
         choices=STORAGE_KINDS,
-        default="local",
+        default=None,
         help="where the photos are put for the service to load: a local directory (default), "
-        "fake-gcs-server on loopback, or a real GCS bucket",
+        "fake-gcs-server on loopback, or a real GCS bucket (default with --photos gs://...: measured there)",
     )
     target.add_argument(
         "--bucket", help="bucket (required for gcs; default cliplens-experiment for fake-gcs)"
     )
-    target.add_argument("--prefix", default="cliplens-experiment", help="object name prefix in the bucket")
+    target.add_argument("--prefix", help="object name prefix in the bucket (default cliplens-experiment)")
     target.add_argument("--emulator", help="with --url and fake-gcs: the emulator the running service reads")
     target.add_argument(
-        "--image-root", help="with --url and local: the running service's CLIPLENS_IMAGE_ROOT"
+        "--image-root",
+        help="with local: the service's CLIPLENS_IMAGE_ROOT (with --url, the running service's); "
+        "photos under it are measured in place, others copied under it",
     )
     latency = parser.add_argument_group("storage latency (fake-gcs in-process only)")
     latency.add_argument("--delay-ms", type=float, default=0.0, help="added to every storage request")
@@ -218,13 +238,22 @@ def _add_study_options(parser: argparse.ArgumentParser, demo: bool) -> None:
         "--photos",
         type=_photos,
         default=None,
-        help="how many phone-like photos to generate, or a folder of your own photos "
+        help="how many phone-like photos to generate, a folder of your own photos, or gs://BUCKET/PREFIX: "
+        "photos already in a bucket, measured there (no upload) "
         + (f"(default {DEMO_PHOTOS})" if demo else "(default: as many as the largest request)"),
+    )
+    photos.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        help="of a folder's or a bucket's photos, a sample of this many, drawn with --seed (default: all)",
     )
     photos.add_argument(
         "--mix", type=_mix, default=None, help="size mix, e.g. 12mp=0.5,3mp=0.25,2mp=0.25 (or 640x480=1)"
     )
-    photos.add_argument("--seed", type=int, default=0, help="seed of the generated photos and of the jitter")
+    photos.add_argument(
+        "--seed", type=int, default=0, help="seed of the generated photos, --limit's sample and the jitter"
+    )
     load = parser.add_argument_group("load")
     load.add_argument(
         "--scenario",

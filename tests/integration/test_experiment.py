@@ -3,7 +3,8 @@
 The experiment runs at a tiny size (tiny model, four 320x240 photos, scenarios 1 and 4x3), once on
 the local directory and once on fake GCS behind the latency proxy. The tests read its results.json
 and stdout, and recompute the table's numbers from the raw records with plain Python, independently
-of cliplens.experiment.report.
+of cliplens.experiment.report. Photos already where the service reads (a bucket of the session's
+fake-gcs-server, a folder under a running service's image root) are measured in place.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ import httpx
 import pytest
 from PIL import Image
 
+from cliplens.experiment import corpus
+from cliplens.experiment.corpus import encode_jpeg, render_photo
 from cliplens.experiment.inprocess import InProcessService
 from cliplens.experiment.latency import LatencyProxy
+from cliplens.experiment.storage import BucketPrefix, list_photos
 from cliplens.settings import Settings
-from cliplens.vocabulary import PIPELINE_STAGES, Stage
+from cliplens.vocabulary import PIPELINE_STAGES, ErrorCode, Stage
 from tests.conftest import BUCKET
 from tests.harness.servers import FakeGcs, child_environment
 
@@ -52,10 +56,12 @@ def _env(tiny_model: str) -> dict[str, str]:
     return child_environment(CLIPLENS_MODEL=tiny_model, CLIPLENS_PRETRAINED="none", CLIPLENS_CPU_WORKERS="2")
 
 
-def _cliplens(tiny_model: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _cliplens(
+    tiny_model: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cliplens.cli", *args],
-        env=_env(tiny_model),
+        env={**_env(tiny_model), **(env or {})},
         capture_output=True,
         text=True,
         timeout=240,
@@ -404,7 +410,7 @@ def test_your_own_photos_are_measured_from_an_empty_working_directory(
         Image.new("RGB", (96, 64), colour).save(photos / f"photo-{index}.jpg")
     cwd = tmp_path / "empty"
     cwd.mkdir()
-    command = ["experiment", "--photos", str(photos), "--scenario", "3", "--no-figure"]
+    command = ["experiment", "--photos", "../my-photos", "--scenario", "3", "--no-figure"]
     result = subprocess.run(
         [sys.executable, "-m", "cliplens.cli", *command],
         env=_env(tiny_model),
@@ -416,4 +422,177 @@ def test_your_own_photos_are_measured_from_an_empty_working_directory(
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     data = json.loads((cwd / "cliplens-results" / "results.json").read_text())
     assert data["scenarios"][0]["summary"]["images_ok"] == 3
-    assert len((cwd / "cliplens-results" / "references.txt").read_text().split()) == 3
+    assert data["corpus"]["count"] == 3 and data["corpus"]["source"] == "folder"
+    assert (cwd / "cliplens-results" / "references.txt").read_text().split() == [
+        f"photo-{index}.jpg" for index in range(3)
+    ]
+    assert sorted(p.name for p in cwd.iterdir()) == ["cliplens-results"]
+
+
+def test_a_folder_under_a_running_services_image_root_is_measured_in_place(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    (served / "album").mkdir(parents=True)
+    for index in range(3):
+        (served / "album" / f"photo-{index}.jpg").write_bytes(encode_jpeg(render_photo(index, 96, 64)))
+    before = sorted(path.relative_to(served) for path in served.rglob("*"))
+    settings = Settings(model=tiny_model, pretrained="none", image_root=served, cpu_workers=2)
+    with InProcessService(settings) as url:
+        result = _cliplens(
+            tiny_model,
+            "experiment",
+            "--url",
+            url,
+            "--image-root",
+            str(served),
+            "--photos",
+            str(served / "album"),
+            "--dir",
+            str(tmp_path / "out"),
+            "--scenario",
+            "3",
+            "--no-figure",
+        )
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert sorted(path.relative_to(served) for path in served.rglob("*")) == before
+    assert (tmp_path / "out" / "references.txt").read_text().split() == [
+        f"album/photo-{index}.jpg" for index in range(3)
+    ]
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["storage"]["in_place"] is True and data["storage"]["image_root"] == str(served)
+    assert data["scenarios"][0]["summary"]["images_ok"] == 3
+
+
+# --- photos already in a bucket: `--photos gs://BUCKET/PREFIX` ------------------------------------
+
+IN_PLACE_BUCKET = "experiment-in-place"
+SHOTS = [f"shots/photo-{index}.jpg" for index in range(4)]
+BROKEN = "shots/zz-broken.jpg"
+"""Named last, so that the study's one-photo preflight asks for a good one."""
+
+
+def _objects(gcs: FakeGcs, bucket: str) -> list[tuple[str, str, str]]:
+    """Every object of the bucket with its generation and size: an upload, even of the same bytes
+    under the same name, would show as a new generation."""
+    response = httpx.get(f"{gcs.url}/storage/v1/b/{bucket}/o", timeout=30)
+    response.raise_for_status()
+    return sorted((item["name"], item["generation"], item["size"]) for item in response.json()["items"])
+
+
+@pytest.fixture(scope="module")
+def stocked_gcs(fake_gcs: FakeGcs) -> FakeGcs:
+    """A bucket of the session's fake-gcs-server holding four photos and a broken one under `shots/`,
+    with a note beside them and a photo under a prefix that only starts like it."""
+    fake_gcs.create_bucket(IN_PLACE_BUCKET)
+    for index, name in enumerate(SHOTS):
+        fake_gcs.upload(IN_PLACE_BUCKET, name, encode_jpeg(render_photo(index, 96, 64)))
+    fake_gcs.upload(IN_PLACE_BUCKET, BROKEN, b"\xff\xd8 not really a JPEG")
+    fake_gcs.upload(IN_PLACE_BUCKET, "shots/notes.txt", b"not a photo", content_type="text/plain")
+    fake_gcs.upload(IN_PLACE_BUCKET, "shots-old/photo.jpg", encode_jpeg(render_photo(9, 96, 64)))
+    return fake_gcs
+
+
+def _emulator(gcs: FakeGcs) -> dict[str, str]:
+    """The experiment's environment for a GCS that is the emulator: its settings, as for the service."""
+    return {"STORAGE_EMULATOR_HOST": gcs.url, "CLIPLENS_ALLOW_EMULATOR": "1"}
+
+
+def _words(result: subprocess.CompletedProcess[str]) -> str:
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def test_photos_already_in_a_bucket_are_measured_there_without_an_upload(
+    tiny_model: str, stocked_gcs: FakeGcs, tmp_path: Path
+) -> None:
+    before = _objects(stocked_gcs, IN_PLACE_BUCKET)
+    out = tmp_path / "out"
+    result = _cliplens(
+        tiny_model,
+        "experiment",
+        "--photos",
+        f"gs://{IN_PLACE_BUCKET}/shots",
+        "--scenario",
+        "5",
+        "--dir",
+        str(out),
+        "--no-figure",
+        env=_emulator(stocked_gcs),
+    )
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert _objects(stocked_gcs, IN_PLACE_BUCKET) == before
+    listed = [*SHOTS, BROKEN]
+    assert (out / "references.txt").read_text().split() == [f"gs://{IN_PLACE_BUCKET}/{n}" for n in listed]
+    data = json.loads((out / "results.json").read_text())
+    assert data["corpus"]["count"] == 5 and data["corpus"]["source"] == "bucket"
+    assert data["corpus"]["directory"] == f"gs://{IN_PLACE_BUCKET}/shots/"
+    assert data["storage"]["kind"] == "gcs" and data["storage"]["in_place"] is True
+    assert data["storage"]["emulator"] == stocked_gcs.url
+    assert data["service"]["settings"]["gcs_emulator_host"] == stocked_gcs.url
+    assert data["service"]["settings"]["default_bucket"] == IN_PLACE_BUCKET
+    # Every request asks for partial answers: the broken photo is one counted item error, and the
+    # other four are measured, whatever the service's default for failed items.
+    (record,) = data["scenarios"][0]["records"]
+    assert record["status"] == 200 and record["ok"] == 4 and sum(record["errors"].values()) == 1
+    assert set(record["errors"]) <= set(ErrorCode)
+    summary = data["scenarios"][0]["summary"]
+    assert (summary["images"], summary["images_ok"], summary["error_count"]) == (5, 4, 1)
+    assert "per image (4)" in result.stdout and "per request (1)" in result.stdout
+
+
+def test_limit_takes_a_sample_of_the_bucket_drawn_with_the_seed(
+    tiny_model: str, stocked_gcs: FakeGcs, tmp_path: Path
+) -> None:
+    listed = list_photos(BucketPrefix.parse(f"gs://{IN_PLACE_BUCKET}/shots"), stocked_gcs.url)
+    assert [photo.name for photo in listed] == [*SHOTS, BROKEN]
+    samples = {tuple(p.name for p in corpus.sample(listed, 3, seed)) for seed in range(6)}
+    assert len(samples) > 1
+    good = [photo for photo in listed if photo.name != BROKEN]
+    seed = next(seed for seed in range(100) if BROKEN not in {p.name for p in corpus.sample(listed, 3, seed)})
+    runs = []
+    for label in ("first", "again"):
+        result = _cliplens(
+            tiny_model,
+            "experiment",
+            "--photos",
+            f"gs://{IN_PLACE_BUCKET}/shots/",
+            "--limit",
+            "3",
+            "--seed",
+            str(seed),
+            "--scenario",
+            "3",
+            "--warmup",
+            "0",
+            "--dir",
+            str(tmp_path / label),
+            "--no-figure",
+            env=_emulator(stocked_gcs),
+        )
+        assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+        runs.append((tmp_path / label / "references.txt").read_text().split())
+        data = json.loads((tmp_path / label / "results.json").read_text())
+        assert data["corpus"]["count"] == 3 and data["scenarios"][0]["summary"]["images_ok"] == 3
+    expected = [f"gs://{IN_PLACE_BUCKET}/{p.name}" for p in corpus.sample(listed, 3, seed)]
+    assert runs[0] == runs[1] == expected
+    assert set(expected) <= {f"gs://{IN_PLACE_BUCKET}/{p.name}" for p in good}
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        (f"gs://{IN_PLACE_BUCKET}/nothing-here", f"gs://{IN_PLACE_BUCKET}/nothing-here/ holds no photos"),
+        ("gs://no-such-bucket/shots", "the bucket 'no-such-bucket' does not exist"),
+    ],
+)
+def test_an_empty_prefix_or_a_missing_bucket_is_a_message_and_an_exit_status(
+    tiny_model: str, stocked_gcs: FakeGcs, tmp_path: Path, uri: str, message: str
+) -> None:
+    before = _objects(stocked_gcs, IN_PLACE_BUCKET)
+    result = _cliplens(
+        tiny_model, "experiment", "--photos", uri, "--dir", str(tmp_path / "out"), env=_emulator(stocked_gcs)
+    )
+    assert result.returncode == 1
+    assert message in _words(result)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert _objects(stocked_gcs, IN_PLACE_BUCKET) == before

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from cliplens.experiment import corpus, fakegcs
 from cliplens.experiment.latency import LatencyProxy
 from cliplens.experiment.load import Scenario
-from cliplens.experiment.storage import gcs_references, local_references
+from cliplens.experiment.storage import BucketPrefix, gcs_references, local_references
 from cliplens.experiment.study import StudyError, StudyPlan
 from cliplens.experiment.targets import FakeGcsTarget, LocalTarget
 
@@ -82,14 +82,56 @@ def test_local_references_point_inside_the_image_root_copying_only_when_needed(t
 def test_a_local_target_names_the_photos_the_way_the_service_reads_them(tmp_path: Path) -> None:
     directory = tmp_path / "photos"
     photos = list(corpus.generate(directory, 2, {"32x32": 1}))
-    with LocalTarget(service_root=None) as target:
+    with LocalTarget(image_root=None, started_here=True) as target:
         started_here = target.place(photos, directory, Progress(disable=True))
     assert started_here.references == [p.name for p in photos]
     assert started_here.settings == {"image_root": directory, "default_bucket": None, "allowed_buckets": ()}
-    with LocalTarget(service_root=tmp_path / "served") as target:
+    assert started_here.storage == {"image_root": str(directory), "in_place": True}
+    with LocalTarget(image_root=tmp_path / "served", started_here=False) as target:
         running = target.place(photos, directory, Progress(disable=True))
     assert running.references == [f"cliplens-experiment/{p.name}" for p in photos]
-    assert running.settings == {} and running.storage == {"image_root": str(tmp_path / "served")}
+    assert running.settings == {}
+    assert running.storage == {"image_root": str(tmp_path / "served"), "in_place": False}
+
+
+def test_photos_under_the_services_image_root_are_named_in_place_without_a_copy(tmp_path: Path) -> None:
+    directory = tmp_path / "root" / "album"
+    photos = list(corpus.generate(directory, 2, {"32x32": 1}))
+    for started_here in (False, True):
+        with LocalTarget(image_root=tmp_path / "root", started_here=started_here) as target:
+            placement = target.place(photos, directory, Progress(disable=True))
+        assert placement.references == [f"album/{p.name}" for p in photos]
+        assert placement.storage == {"image_root": str(tmp_path / "root"), "in_place": True}
+        assert placement.settings.get("image_root") == (tmp_path / "root" if started_here else None)
+    assert sorted(p.name for p in (tmp_path / "root").iterdir()) == ["album"]
+
+
+def test_a_gs_uri_names_a_bucket_and_a_folder_like_prefix() -> None:
+    assert BucketPrefix.parse("gs://photos/users/42") == BucketPrefix("photos", "users/42/")
+    assert BucketPrefix.parse("gs://photos/users/42/") == BucketPrefix("photos", "users/42/")
+    assert BucketPrefix.parse("gs://photos") == BucketPrefix("photos", "")
+    assert BucketPrefix.parse("gs://photos/") == BucketPrefix("photos", "")
+    assert str(BucketPrefix.parse("gs://photos/a")) == "gs://photos/a/"
+    for bad in ("gs://", "gs:///x", "gs://Photos/x", "s3://photos/x"):
+        with pytest.raises(ValueError, match=r"gs://|bucket name"):
+            BucketPrefix.parse(bad)
+
+
+def test_a_sample_is_drawn_with_the_seed_in_name_order() -> None:
+    photos = [corpus.Photo(f"p-{index:02d}.jpg", "unknown", 0, 0, 100) for index in range(20)]
+    first = corpus.sample(photos, 5, seed=3)
+    assert first == corpus.sample(photos, 5, seed=3)
+    assert len(first) == 5 and set(first) <= set(photos)
+    assert first == sorted(first, key=lambda photo: photo.name)
+    assert len({tuple(corpus.sample(photos, 5, seed)) for seed in range(5)}) > 1
+    assert corpus.sample(photos, None, seed=3) == photos == corpus.sample(photos, 20, seed=3)
+    assert corpus.describe(first, "bucket", "gs://b/p/")["mean_megapixels"] is None
+
+
+def test_a_plan_on_photos_already_in_a_bucket_needs_no_upload_bucket(tmp_path: Path) -> None:
+    source = BucketPrefix("photos", "users/42/")
+    plan = StudyPlan(scenarios=(Scenario(1),), out_dir=tmp_path, storage="gcs", photos_bucket=source, limit=2)
+    plan.check()
 
 
 def test_a_fake_gcs_target_serves_through_the_proxy_and_adds_its_counters_when_closed(tmp_path: Path) -> None:
@@ -133,6 +175,18 @@ def test_the_latency_proxy_listens_on_loopback_only() -> None:
         ({"storage": "fake-gcs", "rate_mbps": 0.0}, "--rate-mbps"),
         ({"repeat": 0}, "--repeat"),
         ({"scenarios": ()}, "no scenarios"),
+        ({"limit": 3}, "--limit samples a folder or a bucket"),
+        ({"photos_dir": Path("x"), "limit": 0}, "--limit must be >= 1"),
+        ({"photos_bucket": BucketPrefix("b", "p/")}, "leave out --storage local"),
+        ({"photos_bucket": BucketPrefix("b", "p/"), "storage": "fake-gcs"}, "leave out --storage fake-gcs"),
+        (
+            {"photos_bucket": BucketPrefix("b", "p/"), "storage": "gcs", "bucket": "b"},
+            "--bucket and --prefix",
+        ),
+        (
+            {"photos_bucket": BucketPrefix("b", "p/"), "storage": "gcs", "prefix": "p"},
+            "--bucket and --prefix",
+        ),
     ],
 )
 def test_plans_that_cannot_work_are_refused_before_anything_starts(

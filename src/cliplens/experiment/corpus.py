@@ -8,13 +8,15 @@ cost depends on; the pixels mean nothing to CLIP, and need not.
 
 The mix of sizes is a parameter (`12mp=0.5,3mp=0.25,2mp=0.25`; any `WIDTHxHEIGHT` is a size class
 too, which is how the tests make a corpus of small photos), and a user's own folder of photos can
-stand in for the generated corpus (`collect`). Either way `describe` says what was measured.
+stand in for the generated corpus (`collect`), or a seeded `sample` of it. Either way `describe`
+says what was measured.
 """
 
 from __future__ import annotations
 
 import io
 import multiprocessing
+import random
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -42,6 +44,9 @@ _EXIF_MODEL = 0x0110
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 """Files `collect` takes from a user's folder (the formats the service decodes)."""
 
+UNKNOWN_SIZE = "unknown"
+"""The size class of a photo whose pixels were not read (an object listed in a bucket)."""
+
 _PARALLEL_PIXELS = 30_000_000
 """Below this many pixels to render, starting worker processes costs more than it saves."""
 _DIMENSIONS = re.compile(r"^(\d+)x(\d+)$")
@@ -49,7 +54,8 @@ _DIMENSIONS = re.compile(r"^(\d+)x(\d+)$")
 
 @dataclass(frozen=True)
 class Photo:
-    """One photo of the corpus; `name` is its path relative to the corpus directory (POSIX)."""
+    """One photo of the corpus; `name` is its path relative to the corpus directory (POSIX), or its
+    object name in a bucket. Width and height are 0 when unknown (size class `UNKNOWN_SIZE`)."""
 
     name: str
     size_class: str
@@ -241,19 +247,29 @@ def collect(directory: Path) -> list[Photo]:
     return photos
 
 
+def sample(photos: list[Photo], limit: int | None, seed: int) -> list[Photo]:
+    """`limit` of the photos, drawn with `seed` (the same seed, the same photos), in name order;
+    all of them when `limit` is None or not below their number."""
+    if limit is None or limit >= len(photos):
+        return photos
+    return sorted(random.Random(seed).sample(photos, limit), key=lambda photo: photo.name)
+
+
 def describe(
-    photos: list[Photo], source: str, directory: Path, mix: dict[str, float] | None = None
+    photos: list[Photo], source: str, directory: Path | str, mix: dict[str, float] | None = None
 ) -> dict[str, Any]:
-    """What the corpus is, for results.json: a later reader must know what the timings were of."""
+    """What the corpus is, for results.json: a later reader must know what the timings were of.
+    `mean_megapixels` is over the photos whose size is known, None when none is."""
     classes = Counter(photo.size_class for photo in photos)
     total = sum(photo.bytes for photo in photos)
+    sized = [photo for photo in photos if photo.width and photo.height]
     return {
         "source": source,
         "directory": str(directory),
         "count": len(photos),
         "bytes": total,
         "mean_bytes": total / len(photos) if photos else 0,
-        "mean_megapixels": sum(p.width * p.height for p in photos) / len(photos) / 1e6 if photos else 0,
+        "mean_megapixels": sum(p.width * p.height for p in sized) / len(sized) / 1e6 if sized else None,
         "mix": mix if mix is not None else None,
         "classes": dict(sorted(classes.items())),
     }

@@ -117,6 +117,24 @@ def _item_timings(body: Mapping[str, Any]) -> list[ItemTiming]:
     return items
 
 
+def request_body(names: Sequence[str], read_cache: bool = False) -> dict[str, Any]:
+    """The `/v1/embeddings` body of every request the experiment sends.
+
+    `"on_error": "partial"`: a photo that fails is an item error in a 200 answer, counted by code in
+    the study's errors column, while the others are measured; under the service's default (`fail`)
+    one bad photo would turn the whole request into a 422 and lose its timings. The embedding cache
+    is skipped unless `read_cache`: the load reuses its photos, and a study of the pipeline must
+    see every photo go through every stage."""
+    return {
+        "input": list(names),
+        "modality": "image",
+        "encoding_format": "base64",
+        "timings": True,
+        "cache": read_cache,
+        "on_error": "partial",
+    }
+
+
 async def send_request(
     client: httpx.AsyncClient,
     scenario: Scenario,
@@ -126,19 +144,11 @@ async def send_request(
     round_index: int = 0,
     read_cache: bool = False,
 ) -> RequestRecord:
-    """POST one embeddings request and record it; a transport failure is a record, not an exception.
-
-    The request skips the service's embedding cache unless `read_cache` (the load reuses its photos,
-    and a study of the pipeline must see every photo go through every stage)."""
+    """POST one embeddings request (`request_body`) and record it; a transport failure is a record,
+    not an exception."""
     origin = time.perf_counter() if origin is None else origin
     started = time.perf_counter()
-    payload = {
-        "input": list(names),
-        "modality": "image",
-        "encoding_format": "base64",
-        "timings": True,
-        "cache": read_cache,
-    }
+    payload = request_body(names, read_cache)
     try:
         response = await client.post("/v1/embeddings", json=payload, timeout=timeout_s)
     except httpx.TransportError as exc:

@@ -456,10 +456,12 @@ def _render_context(results: Results, console: Console) -> None:
         f"dimension {model.get('dimension')}; service {results.service.get('url')}"
         + (" (in-process)" if results.service.get("in_process") else "")
     )
+    megapixels = corpus.get("mean_megapixels", 0)  # None: a bucket's photos, whose pixels were not read
     console.print(
-        f"photos: {corpus.get('count')} ({corpus.get('source')}, {corpus.get('mean_megapixels', 0):.1f} MP "
-        f"and {corpus.get('mean_bytes', 0) / 1e6:.2f} MB on average) from storage "
-        f"{storage.get('kind')}{injected}"
+        f"photos: {corpus.get('count')} ({corpus.get('source')}, "
+        + (f"{megapixels:.1f} MP and " if megapixels is not None else "")
+        + f"{corpus.get('mean_bytes', 0) / 1e6:.2f} MB on average) from storage "
+        f"{storage.get('kind')}{injected}" + (" (in place)" if storage.get("in_place") else "")
     )
     console.print(
         f"machine: {results.machine.get('cpu')}, {results.machine.get('cores_usable')} cores usable, "

@@ -5,9 +5,11 @@ This is the orchestration behind `cliplens experiment` and `cliplens demo`. It t
 service (`url`) or starts the real one in this process on the source the plan names: the local
 directory (the embedded default, no cloud), fake-gcs-server on loopback (optionally behind the
 latency proxy, so `load` behaves like a real bucket), or a real bucket; one target type per
-storage kind (targets.py) puts the photos there. The client sends the
-scenarios with `"timings": true` and keeps each response's `Server-Timing`; the result is a
-`Results` (written as results.json) from which the report and the figure are computed.
+storage kind (targets.py) puts the photos there. Photos that are already where the service reads,
+a folder under its image root or objects in a bucket (`gs://BUCKET/PREFIX`, listed here), are
+measured in place. The client sends the scenarios with `"timings": true` and keeps each response's
+`Server-Timing`; the result is a `Results` (written as results.json) from which the report and the
+figure are computed.
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from cliplens.experiment import corpus, machine
+from cliplens.experiment import corpus, machine, storage
 from cliplens.experiment.fakegcs import FakeGcsUnavailable
 from cliplens.experiment.inprocess import InProcessService, ServiceStartError
-from cliplens.experiment.load import RequestRecord, Scenario, run_scenario, send_request
+from cliplens.experiment.load import RequestRecord, Scenario, request_body, run_scenario, send_request
 from cliplens.experiment.results import Results, ScenarioRun, settings_json
-from cliplens.experiment.storage import StorageKind
+from cliplens.experiment.storage import BucketPrefix, BucketUnreadable, StorageKind
 from cliplens.experiment.targets import (
     DEFAULT_FAKE_BUCKET,
+    DEFAULT_PREFIX,
     FakeGcsTarget,
     GcsTarget,
+    InPlaceGcsTarget,
     LocalTarget,
     Placement,
     PlacementError,
@@ -65,6 +69,7 @@ FAILURES: tuple[type[Exception], ...] = (
     PlacementError,
     ServiceStartError,
     FakeGcsUnavailable,
+    BucketUnreadable,
     ValueError,
 )
 """What a study may end with whose message says what to change: the commands print it, no traceback."""
@@ -82,14 +87,20 @@ class StudyPlan:
     storage: StorageKind = "local"
     photos_dir: Path | None = None
     """A user's folder of photos instead of the generated corpus."""
+    photos_bucket: BucketPrefix | None = None
+    """Photos already in a bucket instead of the generated corpus: measured there, nothing uploaded."""
+    limit: int | None = None
+    """Of a folder's or a bucket's photos, a sample of this many (drawn with `seed`); None: all."""
     corpus_size: int | None = None
     """Photos to generate; None = the largest request of the scenarios."""
     mix: dict[str, float] | None = None
     seed: int = 0
     image_root: Path | None = None
-    """With `url` and local storage: the running service's CLIPLENS_IMAGE_ROOT."""
+    """With local storage: the service's CLIPLENS_IMAGE_ROOT (a running one's with `url`, else the one
+    the in-process service is started with); photos under it are measured in place."""
     bucket: str | None = None
-    prefix: str = "cliplens-experiment"
+    prefix: str | None = None
+    """Object name prefix of the uploads; None: DEFAULT_PREFIX."""
     emulator: str | None = None
     """With `url` and fake-gcs: the emulator the running service reads from."""
     delay_ms: float = 0.0
@@ -118,7 +129,7 @@ class StudyPlan:
                 "latency injection needs the service to read through the proxy this command starts: "
                 "drop --url to run the service in-process"
             )
-        if self.storage == "gcs" and not self.bucket:
+        if self.storage == "gcs" and not self.bucket and self.photos_bucket is None:
             raise StudyError("--storage gcs needs --bucket NAME (an existing bucket you can write to)")
         if self.storage == "fake-gcs" and self.url is not None and not self.emulator:
             raise StudyError(
@@ -131,6 +142,26 @@ class StudyPlan:
             raise StudyError("--rate-mbps must be > 0 (leave it out for no limit)")
         if self.repeat < 1 or self.warmup < 0:
             raise StudyError("--repeat must be >= 1 and --warmup >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise StudyError("--limit must be >= 1")
+        if self.limit is not None and self.photos_dir is None and self.photos_bucket is None:
+            raise StudyError(
+                "--limit samples a folder or a bucket of photos; for generated ones, --photos N says how many"
+            )
+        if self.photos_bucket is not None:
+            self._check_in_place_bucket()
+
+    def _check_in_place_bucket(self) -> None:
+        source = self.photos_bucket
+        if self.storage != "gcs":
+            raise StudyError(
+                f"--photos {source} is measured in its bucket, as it is: leave out --storage {self.storage}"
+            )
+        if self.bucket is not None or self.prefix is not None:
+            raise StudyError(
+                f"--bucket and --prefix say where photos are uploaded; --photos {source} is not uploaded: "
+                "leave them out"
+            )
 
 
 def _progress(console: Console) -> Progress:
@@ -144,9 +175,19 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _prepare_corpus(plan: StudyPlan, progress: Progress) -> tuple[list[corpus.Photo], Path, dict[str, Any]]:
+def _prepare_corpus(
+    plan: StudyPlan, settings: Settings, progress: Progress
+) -> tuple[list[corpus.Photo], Path, dict[str, Any]]:
+    """The photos, the directory they are files in (for a bucket's, the output folder: they are no
+    files here), and what results.json says about them."""
+    if plan.photos_bucket is not None:
+        task = progress.add_task(f"listing {plan.photos_bucket}", total=None)
+        listed = storage.list_photos(plan.photos_bucket, settings.gcs_emulator_host)
+        progress.update(task, total=len(listed), completed=len(listed))
+        photos = corpus.sample(listed, plan.limit, plan.seed)
+        return photos, plan.out_dir, corpus.describe(photos, "bucket", str(plan.photos_bucket))
     if plan.photos_dir is not None:
-        photos = corpus.collect(plan.photos_dir)
+        photos = corpus.sample(corpus.collect(plan.photos_dir), plan.limit, plan.seed)
         return photos, plan.photos_dir, corpus.describe(photos, "folder", plan.photos_dir)
     directory = plan.out_dir / "photos"
     count = plan.photo_count
@@ -159,15 +200,19 @@ def _prepare_corpus(plan: StudyPlan, progress: Progress) -> tuple[list[corpus.Ph
     return photos, directory, corpus.describe(photos, "generated", directory, plan.mix or corpus.DEFAULT_MIX)
 
 
-def _target(plan: StudyPlan, directory: Path) -> Target:
-    """The plan's storage kind as a target: pointed at a running service, or set up for one started here."""
+def _target(plan: StudyPlan, settings: Settings) -> Target:
+    """The plan's storage kind as a target: pointed at a running service, or set up for one started here.
+    GCS is the one of the settings: Google's, or the emulator of `STORAGE_EMULATOR_HOST`."""
     running = plan.url is not None
+    prefix = plan.prefix if plan.prefix is not None else DEFAULT_PREFIX
+    if plan.photos_bucket is not None:
+        return InPlaceGcsTarget(plan.photos_bucket, emulator=settings.gcs_emulator_host)
     if plan.storage == "local":
-        return LocalTarget(service_root=(plan.image_root or directory) if running else None)
+        return LocalTarget(image_root=plan.image_root, started_here=not running)
     if plan.storage == "fake-gcs":
         return FakeGcsTarget(
             bucket=plan.bucket or DEFAULT_FAKE_BUCKET,
-            prefix=plan.prefix,
+            prefix=prefix,
             emulator=plan.emulator if running else None,
             log_path=plan.out_dir / "fake-gcs-server.log",
             delay_ms=plan.delay_ms,
@@ -177,7 +222,7 @@ def _target(plan: StudyPlan, directory: Path) -> Target:
         )
     if plan.storage == "gcs":
         assert plan.bucket is not None
-        return GcsTarget(bucket=plan.bucket, prefix=plan.prefix)
+        return GcsTarget(bucket=plan.bucket, prefix=prefix, emulator=settings.gcs_emulator_host)
     assert_never(plan.storage)
 
 
@@ -223,9 +268,7 @@ async def _preflight(
     if models.status_code != 200:
         raise StudyError(f"GET /v1/models answered HTTP {models.status_code}: {models.text[:200]}")
     card: dict[str, Any] = models.json()["data"][0]
-    probe = await client.post(
-        "/v1/embeddings", json={"input": [references[0]], "timings": True}, timeout=timeout_s
-    )
+    probe = await client.post("/v1/embeddings", json=request_body(references[:1]), timeout=timeout_s)
     if probe.status_code != 200:
         raise StudyError(f"a one-photo request answered HTTP {probe.status_code}: {probe.text[:300]}")
     body = probe.json()
@@ -289,10 +332,10 @@ def run_study(
     plan.out_dir.mkdir(parents=True, exist_ok=True)  # whether photos are generated here or not
     started = _now()
     with _progress(console) as progress:
-        photos, directory, corpus_info = _prepare_corpus(plan, progress)
+        photos, directory, corpus_info = _prepare_corpus(plan, settings, progress)
         if len(photos) < max(s.images for s in plan.scenarios):
             log.warning("the corpus has fewer photos than a request asks for: requests repeat photos")
-        with _target(plan, directory) as target:
+        with _target(plan, settings) as target:
             placement = target.place(photos, directory, progress)
             references = placement.references
             with _service(plan, settings, placement, progress) as (url, used):

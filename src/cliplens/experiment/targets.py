@@ -1,4 +1,5 @@
-"""Where the study puts its photos, one type per storage kind: a local directory, fake GCS, real GCS.
+"""Where the study puts its photos, one type per storage kind: a local directory, fake GCS, real GCS;
+and photos already in a bucket, which are measured where they are.
 
 Each target is a context manager with one method, `place`: it puts the photos where the service
 will read them and returns a `Placement`: the references the requests name, the settings an
@@ -26,6 +27,8 @@ from cliplens.experiment.latency import LatencyProxy
 
 DEFAULT_FAKE_BUCKET = "cliplens-experiment"
 """The bucket fake GCS gets when the plan names none: the emulator starts empty, so any name does."""
+DEFAULT_PREFIX = "cliplens-experiment"
+"""The object name prefix of the uploads when the plan names none."""
 
 
 class PlacementError(RuntimeError):
@@ -67,26 +70,28 @@ class Target:
 
 
 class LocalTarget(Target):
-    """A directory the service reads (CLIPLENS_IMAGE_ROOT): no cloud, the embedded default."""
+    """A directory the service reads (CLIPLENS_IMAGE_ROOT): no cloud, the embedded default.
 
-    def __init__(self, service_root: Path | None) -> None:
-        """`service_root`: a running service's image root (the photos are copied under it when they
-        lie elsewhere); None: the service is started here, reading the corpus directory itself."""
+    Photos that lie under that directory are named in place, relative to it: a folder the service
+    already reads is measured as it is, nothing copied. Photos elsewhere are copied under it first
+    (`storage.local_references`)."""
+
+    def __init__(self, image_root: Path | None, started_here: bool) -> None:
+        """`image_root`: the service's image directory; None: the corpus directory itself.
+        `started_here`: the service is started in this process and set to read that directory;
+        else it is a running service, which already reads it."""
         super().__init__()
-        self.service_root = service_root
+        self.image_root = image_root
+        self.started_here = started_here
 
     def place(self, photos: Sequence[Photo], directory: Path, progress: Progress) -> Placement:
-        if self.service_root is None:
-            return Placement(
-                references=[photo.name for photo in photos],
-                settings={"image_root": directory, "default_bucket": None, "allowed_buckets": ()},
-                storage={"image_root": str(directory)},
-            )
-        return Placement(
-            references=storage.local_references(photos, directory, self.service_root),
-            settings={},
-            storage={"image_root": str(self.service_root)},
-        )
+        root = self.image_root or directory
+        references = storage.local_references(photos, directory, root)
+        settings: dict[str, Any] = {}
+        if self.started_here:
+            settings = {"image_root": root, "default_bucket": None, "allowed_buckets": ()}
+        in_place = directory.resolve().is_relative_to(root.resolve())
+        return Placement(references, settings, storage={"image_root": str(root), "in_place": in_place})
 
 
 class FakeGcsTarget(Target):
@@ -160,18 +165,45 @@ class FakeGcsTarget(Target):
 
 
 class GcsTarget(Target):
-    """A real bucket, written with the credentials found the usual way."""
+    """A real bucket, written with the credentials found the usual way; or, when the settings name
+    one (`STORAGE_EMULATOR_HOST`, allowed by `CLIPLENS_ALLOW_EMULATOR=1`), the emulator that an
+    in-process service then reads too."""
 
-    def __init__(self, bucket: str, prefix: str) -> None:
+    def __init__(self, bucket: str, prefix: str, emulator: str | None = None) -> None:
         super().__init__()
         self.bucket = bucket
         self.prefix = prefix
+        self.emulator = emulator
 
     def place(self, photos: Sequence[Photo], directory: Path, progress: Progress) -> Placement:
         return Placement(
-            references=_upload(photos, directory, self.bucket, self.prefix, None, progress),
-            settings={"image_root": None, "default_bucket": self.bucket, "gcs_emulator_host": None},
-            storage={"bucket": self.bucket, "prefix": self.prefix},
+            references=_upload(photos, directory, self.bucket, self.prefix, self.emulator, progress),
+            settings={"image_root": None, "default_bucket": self.bucket},
+            storage={"bucket": self.bucket, "prefix": self.prefix, "emulator": self.emulator},
+        )
+
+
+class InPlaceGcsTarget(Target):
+    """Photos already in a bucket (`--photos gs://BUCKET/PREFIX`, listed by the study): nothing is
+    uploaded, the requests name the objects as they are. GCS is Google's, or the emulator of the
+    settings, as for `GcsTarget`."""
+
+    def __init__(self, source: storage.BucketPrefix, emulator: str | None = None) -> None:
+        super().__init__()
+        self.source = source
+        self.emulator = emulator
+
+    def place(self, photos: Sequence[Photo], directory: Path, progress: Progress) -> Placement:
+        bucket = self.source.bucket
+        return Placement(
+            references=[f"gs://{bucket}/{photo.name}" for photo in photos],
+            settings={"image_root": None, "default_bucket": bucket},
+            storage={
+                "bucket": bucket,
+                "prefix": self.source.prefix,
+                "emulator": self.emulator,
+                "in_place": True,
+            },
         )
 
 
