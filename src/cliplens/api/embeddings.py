@@ -72,7 +72,8 @@ class Answer:
     modality: Modality
     encoding_format: EncodingFormat = "float"
     normalize: bool = True
-    on_error: OnError = "fail"
+    on_error: OnError | None = None
+    """Unset: the service's CLIPLENS_ON_ERROR."""
     timings: bool = False
 
 
@@ -88,6 +89,7 @@ def _respond(
     service: EmbeddingService, embeddings: Embeddings, answer: Answer
 ) -> Response[EmbeddingResponse]:
     """The 200 envelope, or `ItemsFailed` (422) when an item failed and the request said `fail`."""
+    on_error = answer.on_error or service.settings.on_error
     results = sorted(embeddings.results, key=lambda r: r.index)
     made = [(result, result.vector) for result in results if result.vector is not None]
     vectors = _vectors([vector for _, vector in made], answer.normalize) if made else np.empty((0, 0))
@@ -123,7 +125,7 @@ def _respond(
     headers = {"Server-Timing": embeddings.timing.header(), **trace_headers()}
     if service.cache is not None:
         headers["X-Cache-Hits"] = str(embeddings.cache_hits)
-    if answer.on_error == "partial":
+    if on_error == "partial":
         headers["X-Items-Failed"] = str(len(errors))
     log.info(
         "embeddings served",
@@ -131,12 +133,12 @@ def _respond(
             "modality": answer.modality,
             "items": len(embeddings.results),
             "failed": len(errors),
-            "on_error": answer.on_error,
+            "on_error": on_error,
             "stages_ms": {k: round(v, 1) for k, v in embeddings.timing.stages_ms.items()},
             "total_ms": round(embeddings.timing.total_ms, 1),
         },
     )
-    if errors and answer.on_error == "fail":
+    if errors and on_error == "fail":
         raise ItemsFailed(errors, len(results), headers)
     return Response(body, headers=headers)
 
@@ -197,13 +199,7 @@ class EmbeddingsController(Controller):
             )
         else:
             embeddings = await service.embed_images(list(items), _current_span(), body_bytes, data.cache)
-        answer = Answer(
-            modality,
-            data.encoding_format,
-            data.normalize,
-            data.on_error or runtime.settings.on_error,
-            data.timings,
-        )
+        answer = Answer(modality, data.encoding_format, data.normalize, data.on_error, data.timings)
         return _respond(service, embeddings, answer)
 
     @post(
@@ -228,5 +224,5 @@ class EmbeddingsController(Controller):
         check_model(service.model, form.model, runtime.settings.served_model_name)
         items: list[str | Reference] = list(form.files)
         embeddings = await service.embed_images(items, _current_span(), body_bytes=form.body_bytes)
-        on_error = form.on_error or runtime.settings.on_error
-        return _respond(service, embeddings, Answer(Modality.IMAGE, form.encoding_format, on_error=on_error))
+        answer = Answer(Modality.IMAGE, form.encoding_format, on_error=form.on_error)
+        return _respond(service, embeddings, answer)
