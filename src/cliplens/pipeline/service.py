@@ -18,8 +18,9 @@ drain (SIGTERM) brings every deadline forward to just inside the grace period.
 
 With the embedding cache on (pipeline/cache.py), an item whose storage can say which bytes it
 names (a GCS object's generation, a file's status) is looked up before its load (stage `cache`);
-inline bytes and URL images are hashed and looked up after theirs. A hit is the item's vector: it crosses no
-other stage. Every vector made is written to the cache, even when the request skipped lookups.
+inline bytes and URL images are hashed and looked up after theirs. A hit is the item's vector: it
+crosses no other stage. Every vector made is written to the cache, even when the request skipped
+lookups.
 """
 
 from __future__ import annotations
