@@ -94,8 +94,8 @@ that a test of one item's failure also sees that the others were served; the dep
 `fail`, is tested in tests/integration/test_request_fields.py."""
 
 
-@pytest.fixture
-def settings(tiny_model: str, photo_dir: Path) -> Settings:
+def local_settings(tiny_model: str, photo_dir: Path) -> Settings:
+    """The tiny random model serving the test photos from a local directory."""
     return Settings(
         model=tiny_model,
         pretrained="none",
@@ -104,6 +104,11 @@ def settings(tiny_model: str, photo_dir: Path) -> Settings:
         max_inputs=16,
         on_error=PARTIAL,
     )
+
+
+@pytest.fixture
+def settings(tiny_model: str, photo_dir: Path) -> Settings:
+    return local_settings(tiny_model, photo_dir)
 
 
 def wait_ready(client: TestClient[Litestar], timeout_s: float = 120) -> None:

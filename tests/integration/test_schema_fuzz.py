@@ -20,8 +20,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Err, Ok
 
 from cliplens.experiment.inprocess import InProcessService
-from cliplens.settings import Settings
-from tests.conftest import PARTIAL
+from tests.conftest import local_settings
 
 EXAMPLES = 250
 """Per generation mode, over all operations: about 5 s each on 2 cores with the tiny model."""
@@ -29,15 +28,7 @@ EXAMPLES = 250
 
 @pytest.fixture(scope="module")
 def service_url(tiny_model: str, photo_dir: Path) -> Iterator[str]:
-    service = Settings(
-        model=tiny_model,
-        pretrained="none",
-        image_root=photo_dir,
-        cpu_workers=2,
-        max_inputs=16,
-        on_error=PARTIAL,
-    )
-    with InProcessService(service) as url:
+    with InProcessService(local_settings(tiny_model, photo_dir)) as url:
         yield url
 
 
