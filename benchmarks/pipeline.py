@@ -13,12 +13,17 @@ Variants, each a real HTTP server in its own process, loaded by this process ove
   It measures the host side alone: its images/s against the host limit (usable cores / the mean
   single-core seconds per image of the fastest decode path measured here on the same photos, at
   the fidelity cliplens keeps) is the **host efficiency**;
+- `cliplens-onnx` and `cliplens-onnx-int8`: default settings on ONNX Runtime
+  (CLIPLENS_RUNTIME=onnxruntime), float32 and int8 (CLIPLENS_DTYPE); they and the original also
+  run 50 x 6, where the original survives;
 - `cliplens-cache` and `cliplens-cache-off`: default settings, with and without the embedding cache
   (CLIPLENS_CACHE_BYTES=0), at 50 x 30 where 80% of the photos were embedded before (the whole
   corpus, sent first) and 20% are new (distinct copies of corpus photos: other bytes, same
   pixels). The other variants' load skips the cache (`"cache": false`), so that a photo sent twice
   is embedded twice and they measure the pipeline.
-Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O;
+Plus the model-only ceiling: `encode_image` throughput at the best batch size, same dtype, no I/O
+(and through each runtime's backend, with its cosine to torch float32 on generated photos, and
+its start-up time with the export kept);
 and, with the cache variants, the CPU time per image of a cache hit and of a miss for 12 MP photos
 read from a real fake-gcs-server (a hit is the object's metadata and a memory lookup).
 
@@ -70,8 +75,9 @@ from cliplens.experiment.machine import describe
 from cliplens.experiment.processes import stop_process, wait_until_answering
 from cliplens.machine import usable_cpus
 from cliplens.pipeline.decode import decode_image
-from cliplens.pipeline.model import resolve_dtype
+from cliplens.pipeline.model import load_model, resolve_dtype, resolve_runtime
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
+from cliplens.settings import Settings
 from cliplens.vocabulary import PIPELINE_STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +159,149 @@ def model_ceiling(
             rate = done / (time.perf_counter() - started)
             best = max(best, (rate, batch))
     return best
+
+
+RUNTIMES = {"cliplens-onnx": ("onnxruntime", "float32"), "cliplens-onnx-int8": ("onnxruntime", "int8")}
+"""The runtime variants: (CLIPLENS_RUNTIME, CLIPLENS_DTYPE)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeCosts:
+    """One runtime's model-only numbers, measured in this process through cliplens's own backend."""
+
+    name: str
+    rate: float
+    batch: int
+    cosine_min: float
+    cosine_mean: float
+    start_s: float
+    """load_model's wall time with the export already kept (a second start)."""
+    described: dict[str, str | float]
+
+
+def runtime_costs(
+    model_name: str, workdir: Path, batch_sizes: Sequence[int], seconds: float
+) -> list[RuntimeCosts]:
+    """torch float32, ONNX Runtime float32 and int8 on the same seeded weights, saved to a local
+    folder so the exports are kept: throughput at the best batch size, cosine to torch float32 on
+    generated photos, and the time of a start that finds its export."""
+    from cliplens.pipeline.onnx_runtime import fidelity_pixels
+
+    folder = workdir / "runtime-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    if model_name.startswith("local-dir:"):
+        config = json.loads(
+            (Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json").read_text()
+        )
+    else:
+        config = {"model_cfg": open_clip.get_model_config(model_name), "preprocess_cfg": {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    weights = open_clip.create_model(f"local-dir:{folder}").state_dict()
+    torch.save(weights, folder / "open_clip_pytorch_model.bin")
+    variants = [("torch", "float32"), *RUNTIMES.values()]
+    results, reference = [], None
+    for runtime, dtype in variants:
+        settings = Settings(
+            model=f"local-dir:{folder}",
+            runtime=runtime,  # type: ignore[arg-type]
+            dtype=dtype,  # type: ignore[arg-type]
+            export_dir=workdir / "exports",
+            device="cpu",
+        )
+        load_model(settings)  # the first start exports; the second finds the files
+        started = time.perf_counter()
+        model = load_model(settings)
+        start_s = time.perf_counter() - started
+        pixels, _ = fidelity_pixels(settings, model.preprocess)
+        vectors = model.encode_images(pixels)
+        reference = vectors if reference is None else reference
+        a = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+        b = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        cosine = (a * b).sum(axis=1)
+        best = (0.0, 0)
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, *model.preprocess.size)
+            model.encode_images(x)
+            begun, done = time.perf_counter(), 0
+            while time.perf_counter() - begun < seconds:
+                model.encode_images(x)
+                done += batch
+            best = max(best, (done / (time.perf_counter() - begun), batch))
+        name = f"{runtime} {dtype}"
+        results.append(
+            RuntimeCosts(name, *best, float(cosine.min()), float(cosine.mean()), start_s, model.describe())
+        )
+        print(f"runtime {name}: {best[0]:.2f} images/s, cosine min {cosine.min():.5f}, start {start_s:.1f} s")
+    return results
+
+
+def runtime_section(runtimes: Sequence[RuntimeCosts], auto: str) -> list[str]:
+    torch_rate = runtimes[0].rate
+    lines = [
+        "",
+        "## Model runtimes",
+        "",
+        "The same seeded weights on each runtime through cliplens's own backend (model-only, no I/O, this",
+        "process, best batch size), their cosine to torch float32 on 16 generated photos, and the",
+        "wall time of a start (`load_model`) that finds its ONNX export kept (torch has none to find).",
+        "int8 quantizes the image tower only (dynamic, per-channel weights, chosen and checked at start).",
+        "",
+        "| runtime | images/s | vs torch float32 | cosine min / mean | start |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for result in runtimes:
+        chosen = f" ({result.described['quantized']} MatMuls)" if "quantized" in result.described else ""
+        lines.append(
+            f"| {result.name}{chosen} | {result.rate:.2f} (batch {result.batch}) "
+            f"| {result.rate / torch_rate:.2f}x "
+            f"| {result.cosine_min:.5f} / {result.cosine_mean:.5f} | {result.start_s:.1f} s |"
+        )
+    lines += ["", f"`CLIPLENS_RUNTIME=auto` (and `CLIPLENS_DTYPE=auto`) serves {auto} on this machine."]
+    return lines
+
+
+def runtime_targets(
+    runtimes: Sequence[RuntimeCosts], by_key: dict[tuple[str, str], ScenarioResult], scenarios: list[str]
+) -> list[str]:
+    lines = []
+    named = {result.name: result for result in runtimes}
+    base = named.get("torch float32")
+    for name, speed, low, mean in (
+        ("onnxruntime float32", 1.15, 0.9999, 0.0),
+        ("onnxruntime int8", 1.6, 0.995, 0.998),
+    ):
+        result = named.get(name)
+        if base is None or result is None:
+            continue
+        ratio = result.rate / base.rate
+        kept = result.cosine_min >= low and result.cosine_mean >= mean
+        lines.append(
+            f"- {name}, model-only: {ratio:.2f}x torch float32 (target >= {speed}x): "
+            f"{'met' if ratio >= speed else 'missed'}; cosine min {result.cosine_min:.5f} / mean "
+            f"{result.cosine_mean:.5f} (target >= {low}{f' / {mean}' if mean else ''}): "
+            f"{'met' if kept else 'missed'}"
+        )
+        if base.start_s and result.start_s:
+            late = result.start_s - base.start_s
+            lines.append(
+                f"- {name}, start with the export kept: {result.start_s:.1f} s vs torch {base.start_s:.1f} s "
+                f"(target <= torch + 2 s): {'met' if late <= 2.0 else 'missed'}"
+            )
+    two_mp = next((s for s in scenarios if "2 MP" in s), "")
+    six = next((s for s in scenarios if s.endswith(" x 6 concurrent")), "")
+    for variant, against, scenario, goal in (
+        ("cliplens-onnx-int8", "cliplens-float32", two_mp, 1.4),
+        ("cliplens-onnx-int8", "original", six, 3.0),
+    ):
+        run, other = by_key.get((variant, scenario)), by_key.get((against, scenario))
+        if run and other and other.throughput and not run.crashed and not other.crashed:
+            ratio = run.throughput / other.throughput
+            lines.append(
+                f"- {variant} at {scenario}: {ratio:.2f}x {against} (target >= {goal}x): "
+                f"{'met' if ratio >= goal else 'missed'}"
+            )
+    return lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,6 +657,8 @@ def render(
     default_dtype: str,
     elapsed_s: float,
     cache: CacheCosts | None = None,
+    runtimes: Sequence[RuntimeCosts] = (),
+    auto: str = "",
 ) -> str:
     by_key = {(r.variant, r.scenario): r for r in results}
     scenarios = list(dict.fromkeys(r.scenario for r in results))
@@ -567,6 +718,8 @@ def render(
     lines += ["", "## Model-only ceiling", ""]
     for dtype, (rate, batch) in ceilings.items():
         lines.append(f"- {dtype}: {rate:.2f} images/s (best batch size {batch})")
+    if runtimes:
+        lines += runtime_section(runtimes, auto)
     if costs:
         lines += host_efficiency(by_key, costs, int(info["cores"]))
     if any(variant.startswith("cliplens-cache") for variant in args.variants):
@@ -576,6 +729,7 @@ def render(
     cores = int(info["cores"]) if args.device == "cpu" else None
     lines += targets(by_key, ceilings, default_dtype, scenarios, cores)
     lines += efficiency_targets(by_key, costs, int(info["cores"]))
+    lines += runtime_targets(runtimes, by_key, scenarios)
     return "\n".join(lines) + "\n"
 
 
@@ -731,7 +885,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=30)
     parser.add_argument(
         "--variants",
-        default="original,cliplens-default,cliplens-float32,cliplens-free,cliplens-cache,cliplens-cache-off",
+        default=(
+            "original,cliplens-default,cliplens-float32,cliplens-onnx,cliplens-onnx-int8,"
+            "cliplens-free,cliplens-cache,cliplens-cache-off"
+        ),
     )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -765,6 +922,13 @@ def main() -> None:
         (f"{load}, {size[:-2]} MP only", concurrent, names) for size, names in by_class.items() if names
     ]
     scenarios = {variant: common + single_size[-1:] for variant in args.variants}
+    six = 6
+    for variant in ("original", "cliplens-float32", *RUNTIMES):
+        # where the original survives, for the runtimes' comparison (not at --tiny's 2 x 2)
+        if variant in scenarios and six < args.concurrency:
+            scenarios[variant].append(
+                (f"{args.images} images x {six} concurrent", Scenario(args.images, six), mixed)
+            )
     if "cliplens-free" in scenarios:
         scenarios["cliplens-free"] = single_size
     if any(variant in CACHE_VARIANTS for variant in args.variants):
@@ -806,6 +970,10 @@ def main() -> None:
             variant_env["CLIPLENS_GPU_DECODE"] = "1"
         if variant == "cliplens-cache-off":
             variant_env["CLIPLENS_CACHE_BYTES"] = "0"
+        if variant in RUNTIMES:
+            variant_env["CLIPLENS_RUNTIME"], variant_env["CLIPLENS_DTYPE"] = RUNTIMES[variant]
+        elif variant == "cliplens-float32":
+            variant_env["CLIPLENS_RUNTIME"] = "torch"  # torch's float32, whatever auto picks here
         if variant == "cliplens-free":
             free_dir = workdir / "free-model"
             free_dir.mkdir(parents=True, exist_ok=True)
@@ -839,8 +1007,15 @@ def main() -> None:
         large = [mixed_dir / name for name in (by_class["12mp"] or by_class["2mp"])]
         cache = cache_costs(large, dict(env, CLIPLENS_DTYPE="auto"), workdir, rounds=2 if args.tiny else 10)
         print(f"cache costs: {cache}", flush=True)
+    runtimes: list[RuntimeCosts] = []
+    if args.device == "cpu" and any(variant in RUNTIMES for variant in args.variants):
+        runtimes = runtime_costs(
+            ceiling_model, workdir, (1, 2) if args.tiny else (16, 32), 0.5 if args.tiny else 8.0
+        )
+    auto_runtime = resolve_runtime(Settings(device=args.device))
+    auto = f"{auto_runtime} {default_dtype if auto_runtime == 'torch' else 'float32'}"
     elapsed = time.perf_counter() - started
-    page = render(info, args, results, ceilings, costs, default_dtype, elapsed, cache)
+    page = render(info, args, results, ceilings, costs, default_dtype, elapsed, cache, runtimes, auto)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(page)
     print(page, flush=True)

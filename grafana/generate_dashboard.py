@@ -771,7 +771,8 @@ def batch_rows() -> list[Json]:
         {
             "type": "table",
             "title": "Served model",
-            "description": "cliplens_model_info: the model, device and dtype of each instance.",
+            "description": "cliplens_model_info: the model, runtime, device and dtype of each instance "
+            "(and int8's cosine to float32, measured at its start).",
             "datasource": PROMETHEUS,
             "gridPos": {"w": 6, "h": 8},
             "targets": [instant("A", f"cliplens_model_info{{{INSTANCE}}}")],
@@ -783,9 +784,12 @@ def batch_rows() -> list[Json]:
                         "indexByName": {
                             "instance": 0,
                             "model": 1,
-                            "device": 2,
-                            "dtype": 3,
-                            "random_weights": 4,
+                            "runtime": 2,
+                            "device": 3,
+                            "dtype": 4,
+                            "random_weights": 5,
+                            "int8_cosine_min": 6,
+                            "int8_cosine_mean": 7,
                         },
                     },
                 }

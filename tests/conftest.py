@@ -36,6 +36,15 @@ PHOTOS = {
 BUCKET = "photos"
 
 
+@pytest.fixture(autouse=True)
+def auto_means_torch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`CLIPLENS_RUNTIME=auto` picks ONNX Runtime on CPUs without native bfloat16 when it is
+    installed (it is, in the dev environment): the suite's services run torch wherever it runs,
+    unless a test is marked `onnx`."""
+    if request.node.get_closest_marker("onnx") is None:
+        monkeypatch.setattr("cliplens.pipeline.model.onnxruntime_installed", lambda: False)
+
+
 def write_tiny_model(folder: Path, with_weights: bool, seed: int = 0) -> Path:
     """An open_clip `local-dir:` folder: the tiny config, and seeded weights when asked."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,7 @@ def measure(
         "CLIPLENS_PRETRAINED": "none",
         "CLIPLENS_IMAGE_ROOT": str(image_root),
         "CLIPLENS_CPU_WORKERS": str(share),
-        "CLIPLENS_TORCH_THREADS": str(share),
+        "CLIPLENS_MODEL_THREADS": str(share),
         "CLIPLENS_LOG_LEVEL": "WARNING",
     }
     with tempfile.TemporaryDirectory() as work:

@@ -37,7 +37,8 @@ from pydantic import (
 )
 
 Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
+DType = Literal["auto", "float32", "bfloat16", "float16", "int8"]
+ModelRuntime = Literal["auto", "torch", "onnxruntime"]
 OnError = Literal["fail", "partial"]
 
 
@@ -98,7 +99,19 @@ class Settings:
     device: Annotated[Device, _Lower] = "auto"
     """`auto` picks CUDA when available, else the CPU."""
     dtype: Annotated[DType, _Lower] = "auto"
-    """Weight dtype; `auto` picks bfloat16 where the hardware runs it natively, else float32."""
+    """Weight dtype; `auto` picks bfloat16 where torch runs it natively, else float32; `int8` is
+    ONNX Runtime's (image tower quantized, refused below the fidelity floor)."""
+    runtime: Annotated[ModelRuntime, _Lower] = "auto"
+    """`torch`, `onnxruntime` (CPU; `pip install 'cliplens[onnx]'`), or `auto`: ONNX Runtime
+    float32 on a CPU without native bfloat16 when installed, else torch."""
+    export_dir: Path | None = None
+    """Where ONNX exports are kept between starts; unset = $XDG_CACHE_HOME/cliplens/onnx."""
+    int8_min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.995
+    """int8 is refused when its lowest cosine to float32 on the fidelity photos is under this."""
+    int8_mean_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.998
+    """int8 is refused when its mean cosine to float32 on the fidelity photos is under this."""
+    fidelity_dir: Path | None = None
+    """Photos int8 fidelity is measured on at start (up to 64); unset = generated photo-like images."""
 
     image_root: Path | None = None
     """Local directory source: bare object names resolve under it when no default bucket is set."""
@@ -171,8 +184,9 @@ class Settings:
 
     cpu_workers: Annotated[int, _NotNegative] = 0
     """Threads of the one process-wide decode/preprocess executor; 0 = the cores this process may use."""
-    torch_threads: Annotated[int, _NotNegative] = 0
-    """torch intra-op threads for the model; 0 = the cores this process may use."""
+    model_threads: Annotated[int, _NotNegative, _env("CLIPLENS_MODEL_THREADS", "CLIPLENS_TORCH_THREADS")] = 0
+    """Intra-op threads of the model runtime (`CLIPLENS_TORCH_THREADS` still works); 0 = the cores
+    this process may use."""
     gpu_decode: bool = False
     """With a CUDA device, decode JPEGs on the GPU (nvJPEG through torchvision) instead of the CPU."""
     max_downloads: Annotated[int, _AtLeastOne] = 32

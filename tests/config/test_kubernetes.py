@@ -280,7 +280,7 @@ def test_settings_load_and_size_the_pools_to_the_cpu_request(
     loaded = load_settings(environment)
     cpu_request = float(container(deployment)["resources"]["requests"]["cpu"])
     assert loaded.cpu_workers == cpu_request, "one process sees every core of its node: size the pool"
-    assert 1 <= loaded.torch_threads <= cpu_request
+    assert 1 <= loaded.model_threads <= cpu_request
     assert loaded.extremes_window_s >= 2 * 5, "every min/max must be scraped at least once (5 s)"
     assert loaded.otlp_endpoint == "http://otel-collector:4318"
     assert "memory" in container(deployment)["resources"]["limits"]

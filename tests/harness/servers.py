@@ -33,8 +33,10 @@ from cliplens.experiment.inprocess import free_port
 
 def child_environment(**settings: str) -> dict[str, str]:
     """This process's environment for a child `cliplens` process: without any cliplens,
-    OpenTelemetry or storage-emulator setting of the caller's shell, plus `settings`."""
+    OpenTelemetry or storage-emulator setting of the caller's shell, plus `settings`. The child
+    runs torch unless `settings` says otherwise: which runtime `auto` picks depends on the CPU."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPLENS_", "OTEL_", "STORAGE_"))}
+    env["CLIPLENS_RUNTIME"] = "torch"
     env.update(settings)
     return env
 

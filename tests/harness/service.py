@@ -61,7 +61,7 @@ def serving(tiny_model: str, tmp_path: Path, **env: str) -> Iterator[Service]:
         CLIPLENS_MODEL=tiny_model,
         CLIPLENS_PRETRAINED="none",
         CLIPLENS_CPU_WORKERS="2",
-        CLIPLENS_TORCH_THREADS="1",
+        CLIPLENS_MODEL_THREADS="1",
         CLIPLENS_LOG_LEVEL="WARNING",
         CLIPLENS_ON_ERROR="partial",  # as tests/conftest.py's PARTIAL says
     )

@@ -28,8 +28,26 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stderr[-3000:]
     page = output.read_text()
-    for variant in ("original", "cliplens-default", "cliplens-float32"):
-        assert page.count(f"| {variant} |") == 8, variant
+    for variant in (
+        "original",
+        "cliplens-default",
+        "cliplens-float32",
+        "cliplens-onnx",
+        "cliplens-onnx-int8",
+    ):
+        assert page.count(f"| {variant} |") == 8, variant  # 4 scenarios, both tables
+    for runtime in ("torch float32", "onnxruntime float32", "onnxruntime int8"):
+        found = re.search(
+            rf"^\| {runtime}[^|]* \| ([0-9.]+) \(batch \d\) \| [0-9.]+x \| ([0-9.]+) / ([0-9.]+) \|",
+            page,
+            re.M,
+        )
+        assert found is not None and float(found[1]) > 0 and 0.99 <= float(found[2]) <= float(found[3]), (
+            runtime,
+            page,
+        )
+    assert re.search(r"`CLIPLENS_RUNTIME=auto` .* serves (torch|onnxruntime) \w+ on this machine", page)
+    assert "- onnxruntime int8, model-only: " in page and "- cliplens-onnx-int8 at 2 x 2, 2 MP only: " in page
     assert page.count("| cliplens-free |") == 2  # its one scenario (2 MP only at --tiny), both tables
     for variant in ("cliplens-cache", "cliplens-cache-off"):  # the 80%-repeated load, both tables
         assert page.count(f"| 2 x 2, 80% repeated photos | {variant} |") == 2, variant

@@ -152,7 +152,7 @@ def replica_environment(
         CLIPLENS_DEFAULT_BUCKET="",
         CLIPLENS_IMAGE_ROOT=str(photo_dir),
         CLIPLENS_CPU_WORKERS="1",
-        CLIPLENS_TORCH_THREADS="1",
+        CLIPLENS_MODEL_THREADS="1",
         CLIPLENS_EXTREMES_WINDOW_S=str(EXTREMES_WINDOW_S),
         CLIPLENS_LOG_LEVEL="WARNING",
         CLIPLENS_ON_ERROR="partial",  # as tests/conftest.py's PARTIAL says

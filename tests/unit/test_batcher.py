@@ -28,6 +28,9 @@ class RecordingModel:
         self.batches: list[int] = []
         self.delay_s = delay_s
 
+    def describe(self) -> dict[str, str | float]:
+        return {"runtime": "recording", "dtype": "float32", "int8_cosine_min": 0.5}
+
     def encode_images(self, batch: torch.Tensor) -> np.ndarray:
         self.batches.append(int(batch.shape[0]))
         time.sleep(self.delay_s)
@@ -161,6 +164,8 @@ def test_batch_spans_link_to_the_requests_they_served() -> None:
     assert [(link.context.trace_id, link.context.span_id) for link in batches[0].links] == contexts
     assert batches[0].attributes is not None
     assert batches[0].attributes["cliplens.batch.size"] == 1
+    assert batches[0].attributes["cliplens.model.runtime"] == "recording", "the span says what ran it"
+    assert batches[0].attributes["cliplens.model.int8_cosine_min"] == 0.5
     assert batches[0].parent is None
 
 

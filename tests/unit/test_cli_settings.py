@@ -69,7 +69,7 @@ def test_a_zero_or_negative_flag_is_a_one_line_start_up_error(
 def test_the_readme_table_has_every_setting_with_its_default() -> None:
     rows: dict[str, str] = {}
     for line in README.read_text().splitlines():
-        if match := re.match(r"\| `([A-Z_]+)`(?: / `([A-Z_]+)`)? \| (.*?) \| ", line):
+        if match := re.match(r"\| `([A-Z0-9_]+)`(?: / `([A-Z0-9_]+)`)? \| (.*?) \| ", line):
             for variable in match.group(1, 2):
                 if variable:
                     rows[variable] = match.group(3)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cliplens.pipeline.model import cpu_has_native_bf16, model_id, resolve_dtype
+from cliplens.pipeline.model import TorchBackend, cpu_has_native_bf16, model_id, resolve_dtype
 from cliplens.settings import Settings
 from tests.conftest import cosines
 
@@ -58,6 +58,7 @@ def test_reduced_precision_stays_within_cosine_0_999_of_float32(dtype: str) -> N
         torch.manual_seed(0)
         model = load_model(Settings(model="ViT-B-32", pretrained="none", dtype=name))  # type: ignore[arg-type]
         assert model.dtype_name == name
-        assert next(model.model.parameters()).dtype == getattr(torch, name)
+        assert isinstance(model.backend, TorchBackend)
+        assert next(model.backend.module.parameters()).dtype == getattr(torch, name)
         vectors[name] = model.encode_images(image)
     assert cosines(vectors["float32"], vectors[dtype]).min() >= 0.999

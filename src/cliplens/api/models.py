@@ -6,7 +6,7 @@ from __future__ import annotations
 from litestar import get
 from litestar.di import NamedDependency
 
-from cliplens.api.schemas import CacheCard, ModelCard, ModelList, echo
+from cliplens.api.schemas import CacheCard, Int8Fidelity, ModelCard, ModelList, echo
 from cliplens.pipeline.cache import EmbeddingCache
 from cliplens.pipeline.model import LoadedModel
 from cliplens.runtime import Runtime
@@ -31,6 +31,7 @@ def model_card(model: LoadedModel, cache: EmbeddingCache | None, alias: str | No
         id=alias or model.id,
         model_id=model.id,
         dimension=model.dimension,
+        runtime=model.runtime,
         device=str(model.device),
         dtype=model.dtype_name,
         architecture=model.architecture,
@@ -38,6 +39,19 @@ def model_card(model: LoadedModel, cache: EmbeddingCache | None, alias: str | No
         random_weights=model.random_weights,
         warning=RANDOM_WARNING if model.random_weights else None,
         cache=None if cache is None else cache_card(cache),
+        fidelity=int8_fidelity(model),
+    )
+
+
+def int8_fidelity(model: LoadedModel) -> Int8Fidelity | None:
+    described = model.describe()
+    if "int8_cosine_min" not in described:
+        return None
+    return Int8Fidelity(
+        quantized=str(described["quantized"]),
+        cosine_min=float(described["int8_cosine_min"]),
+        cosine_mean=float(described["int8_cosine_mean"]),
+        photos=str(described["fidelity_photos"]),
     )
 
 

@@ -108,6 +108,8 @@ class ModelCard(msgspec.Struct, kw_only=True):
     model_id: str
     """The model's own id (architecture/pretrained tag), whatever it is served as."""
     dimension: int
+    runtime: str
+    """`torch` or `onnxruntime` (CLIPLENS_RUNTIME)."""
     device: str
     dtype: str
     architecture: str
@@ -118,6 +120,17 @@ class ModelCard(msgspec.Struct, kw_only=True):
     warning: str | None = None
     cache: CacheCard | None = None
     """None when the service runs without a cache."""
+    fidelity: Int8Fidelity | None = None
+    """int8 only: how close its vectors came to float32's, measured at start."""
+
+
+class Int8Fidelity(msgspec.Struct, kw_only=True):
+    quantized: str
+    """Which MatMuls of the image tower are int8: `matmul` (all) or `mlp`."""
+    cosine_min: float
+    cosine_mean: float
+    photos: str
+    """How many photos it was measured on, and which (generated, or from CLIPLENS_FIDELITY_DIR)."""
 
 
 class ModelList(msgspec.Struct, kw_only=True):

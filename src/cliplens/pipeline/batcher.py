@@ -55,6 +55,7 @@ class Batcher:
         max_wait_s: float,
     ) -> None:
         self.model = model
+        self._described = model.describe()
         self.preprocessor = preprocessor
         self.tracer = tracer
         self.metrics = metrics
@@ -114,7 +115,9 @@ class Batcher:
         chunks = []
         for start in range(0, len(tokens), self.max_batch):
             chunk = tokens[start : start + self.max_batch]
-            batch = BatchTiming(self.tracer, self.metrics, Modality.TEXT, len(chunk), [request])
+            batch = BatchTiming(
+                self.tracer, self.metrics, Modality.TEXT, len(chunk), [request], self._described
+            )
             chunks.append(await loop.run_in_executor(self._thread, self._forward_texts, batch, chunk))
             for timing in timings[start : start + self.max_batch]:
                 timing.start(at=batch.started_ns)
@@ -158,7 +161,12 @@ class Batcher:
             if not items:
                 continue
             batch = BatchTiming(
-                self.tracer, self.metrics, Modality.IMAGE, len(items), [i.request for i in items]
+                self.tracer,
+                self.metrics,
+                Modality.IMAGE,
+                len(items),
+                [i.request for i in items],
+                self._described,
             )
             try:
                 vectors = await loop.run_in_executor(self._thread, self._forward_images, batch, items)

@@ -71,9 +71,10 @@ def model_fingerprint(model: LoadedModel, settings: Settings) -> str:
     digest = hashlib.sha256()
     parts = (
         f"format={VECTOR_FORMAT}",
-        "runtime=torch",
+        f"runtime={model.runtime}",
         f"device={model.device.type}",
         f"dtype={model.dtype_name}",
+        f"quantized={model.describe().get('quantized', '')}",
         f"architecture={model.architecture}",
         f"preprocess={model.preprocess!r}",
         f"gpu_decode={settings.gpu_decode and model.device.type == 'cuda'}",

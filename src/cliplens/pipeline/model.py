@@ -7,21 +7,31 @@ timings are real but whose vectors mean nothing; this is logged loudly and shown
 When tagged weights cannot be fetched, start-up fails with a message that says how to run
 offline; only the demo may fall back to random weights, and it says so.
 
-The weights are cast to the serving dtype once, at load; there is no per-call autocast, which is
-slow on the CPU. `dtype=auto` picks bfloat16 where the hardware has native bf16 matrix units
-(Intel AMX / AVX512-BF16 CPUs, CUDA GPUs that support it), float16 on other CUDA GPUs, and
-float32 elsewhere.
+What runs the two towers is a `ModelBackend`, the one seam between the model and the rest of the
+service (the batcher, the API and the telemetry see `LoadedModel`, which speaks through it):
+`TorchBackend` here (CPU and CUDA), and ONNX Runtime on CPUs in `onnx_runtime.py` (the `onnx`
+extra). Another runtime is one more module with such a class and one branch in `load_model`.
+`CLIPLENS_RUNTIME=auto` picks ONNX Runtime float32 on a CPU without native bfloat16 when the
+extra is installed (where torch would serve float32, which ONNX Runtime runs faster:
+docs/PERFORMANCE.md), torch elsewhere (CUDA; CPUs with AMX or AVX512-BF16, where torch bfloat16
+is faster than either float32); it never picks int8.
+
+Under torch, the weights are cast to the serving dtype once, at load; there is no per-call
+autocast, which is slow on the CPU. `dtype=auto` picks bfloat16 where the hardware has native bf16
+matrix units (Intel AMX / AVX512-BF16 CPUs, CUDA GPUs that support it), float16 on other CUDA
+GPUs, and float32 elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import numpy as np
@@ -51,6 +61,49 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
+def onnxruntime_installed() -> bool:
+    """Whether the `onnx` extra (onnxruntime and onnx) is importable, without importing it."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+_EXTRA = "pip install 'cliplens[onnx]'"
+
+
+def resolve_runtime(
+    settings: Settings,
+    installed: Callable[[], bool] | None = None,
+    native_bf16: Callable[[], bool] = cpu_has_native_bf16,
+) -> str:
+    """`torch` or `onnxruntime` for these settings; ModelLoadError (naming the fix) for a
+    combination that cannot be served. See the module docstring for what `auto` picks."""
+    runtime, dtype, device = settings.runtime, settings.dtype, settings.device
+    installed = installed or onnxruntime_installed
+    if runtime == "auto":
+        on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        # Where torch would serve float32 anyway: with native bf16, torch bfloat16 is faster.
+        picks_onnx = on_cpu and dtype in ("auto", "float32") and installed() and not native_bf16()
+        runtime = "onnxruntime" if dtype == "int8" or picks_onnx else "torch"
+    if runtime == "torch":
+        if dtype == "int8":
+            raise ModelLoadError(
+                f"CLIPLENS_DTYPE=int8 runs on ONNX Runtime only: set CLIPLENS_RUNTIME=onnxruntime ({_EXTRA})"
+            )
+        return runtime
+    if device == "cuda":
+        raise ModelLoadError(
+            "CLIPLENS_RUNTIME=onnxruntime runs on the CPU: "
+            "set CLIPLENS_DEVICE=cpu, or CLIPLENS_RUNTIME=torch for CUDA"
+        )
+    if dtype not in ("auto", "float32", "int8"):
+        raise ModelLoadError(
+            f"CLIPLENS_DTYPE={dtype} is not served by ONNX Runtime: "
+            "use float32 or int8, or CLIPLENS_RUNTIME=torch"
+        )
+    if not installed():
+        raise ModelLoadError(f"CLIPLENS_RUNTIME=onnxruntime needs the onnx extra: {_EXTRA}")
+    return runtime
+
+
 def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +116,7 @@ def resolve_dtype(
     setting: str, device: torch.device, native_bf16: Callable[[], bool] = cpu_has_native_bf16
 ) -> torch.dtype:
     """The weight dtype for `setting` on `device` (see the module docstring for `auto`)."""
-    if setting != "auto":
+    if setting not in ("auto", "int8"):
         return _DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -96,17 +149,94 @@ class Tokens:
     """Tokens each text needs, start and end included (more than the context: it was cut)."""
 
 
+class ModelBackend(Protocol):
+    """What runs the two towers. The batch arrives normalised, on `device`, in `input_dtype`."""
+
+    @property
+    def runtime(self) -> str:
+        """`torch` or `onnxruntime`: the name /v1/models, the metrics and the spans report."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def input_dtype(self) -> torch.dtype: ...
+
+    @property
+    def dtype_name(self) -> str:
+        """The weights as served: float32, bfloat16, float16, int8."""
+        ...
+
+    def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) normalised pixels -> (N, D) float32 projections."""
+        ...
+
+    def embed_texts(self, ids: torch.Tensor) -> np.ndarray:
+        """(N, context) token ids -> (N, D) float32 projections."""
+        ...
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the weights the vectors are a function of (see `weights_digest`)."""
+        ...
+
+    def details(self) -> dict[str, str | float]:
+        """What else describes this runtime's vectors (int8: the fidelity measured at start)."""
+        ...
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes and bytes): what the vectors
+    are a function of, whatever file or tag the weights came from. Random weights are their own
+    model at every start. About a second for ViT-B-32."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@dataclass
+class TorchBackend:
+    """The open_clip module itself, cast to the serving dtype and placed on the device once."""
+
+    module: Any
+    device: torch.device
+    input_dtype: torch.dtype
+    runtime: str = "torch"
+    _digest: str = field(default="", repr=False)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.input_dtype).removeprefix("torch.")
+
+    @torch.inference_mode()
+    def embed_images(self, pixels: torch.Tensor) -> np.ndarray:
+        return _projections(self.module.encode_image(pixels.to(self.device, self.input_dtype)))
+
+    @torch.inference_mode()
+    def embed_texts(self, ids: torch.Tensor) -> np.ndarray:
+        return _projections(self.module.encode_text(ids.to(self.device)))
+
+    def weights_digest(self) -> str:
+        """Of the weights as served, after the cast (computed once, when first asked)."""
+        if not self._digest:
+            self._digest = weights_digest(self.module)
+        return self._digest
+
+    def details(self) -> dict[str, str | float]:
+        return {}
+
+
 @dataclass
 class LoadedModel:
-    """A model ready to embed, with what the API reports about it."""
+    """A model ready to embed, with what the API reports about it; its backend runs the towers."""
 
-    model: Any
+    backend: ModelBackend
     tokenizer: Callable[..., torch.Tensor]
     """open_clip's: `tokenizer(texts, context_length=N)` -> (len(texts), N) ids."""
     id: str
     architecture: str
-    device: torch.device
-    dtype: torch.dtype
     preprocess: PreprocessConfig
     random_weights: bool
     dimension: int = 0
@@ -114,13 +244,36 @@ class LoadedModel:
     """Tokens the text tower reads; a longer text is cut (`truncate`) or refused."""
 
     @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+    def runtime(self) -> str:
+        return self.backend.runtime
 
-    @torch.inference_mode()
+    @property
+    def device(self) -> torch.device:
+        """Where the pixel batch goes (and the preprocessing runs)."""
+        return self.backend.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the pixel batch is handed to the backend in."""
+        return self.backend.input_dtype
+
+    @property
+    def dtype_name(self) -> str:
+        return self.backend.dtype_name
+
+    def describe(self) -> dict[str, str | float]:
+        """Runtime, device and dtype, and the backend's details: for /v1/models, the info metric
+        and the `embed batch` spans."""
+        return {
+            "runtime": self.runtime,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            **self.backend.details(),
+        }
+
     def encode_images(self, batch: torch.Tensor) -> np.ndarray:
         """Normalised (N, 3, H, W) pixel batch on the device -> (N, D) float32 projections."""
-        return _projections(self.model.encode_image(batch.to(self.device, self.dtype)))
+        return self.backend.embed_images(batch)
 
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         """Texts -> token ids on the CPU, each cut to the context, and each text's true length.
@@ -138,20 +291,12 @@ class LoadedModel:
             lengths[row] = len(encode(texts[row])) + 2 if encode is not None else context + 1
         return Tokens(ids, lengths)
 
-    @torch.inference_mode()
     def encode_texts(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids -> (N, D) float32 projections, through the CLIP text tower."""
-        return _projections(self.model.encode_text(tokens.to(self.device)))
+        return self.backend.embed_texts(tokens)
 
     def weights_digest(self) -> str:
-        """SHA-256 of every parameter and buffer as served (names, dtypes, shapes and bytes, after
-        the cast): what the vectors are a function of, whatever file or tag the weights came from.
-        Random weights are their own model at every start. About a second for ViT-B-32."""
-        digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        return self.backend.weights_digest()
 
     def warm_up(self) -> None:
         """Run each tower once so the first request does not pay for lazy initialisation."""
@@ -206,9 +351,37 @@ def _create(settings: Settings, pretrained: str | None) -> Any:
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """Load, cast, place and warm up the model the settings name."""
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    """Load the weights, build the runtime's backend, and warm it up."""
+    runtime = resolve_runtime(settings)
+    device = torch.device("cpu") if runtime == "onnxruntime" else resolve_device(settings.device)
+    model, random_weights = _load_weights(settings)
+    tokenizer = open_clip.get_tokenizer(settings.model)
+    preprocess = PreprocessConfig.from_open_clip(getattr(model.visual, "preprocess_cfg", None) or {})
+    context_length = int(getattr(model, "context_length", None) or tokenizer.context_length)
+    backend: ModelBackend
+    if runtime == "onnxruntime":
+        from cliplens.pipeline.onnx_runtime import build_onnx_backend
+
+        backend = build_onnx_backend(model.eval(), settings, preprocess, context_length, random_weights)
+    else:
+        dtype = resolve_dtype(settings.dtype, device)
+        backend = TorchBackend(model.to(device=device, dtype=dtype).eval(), device, dtype)
+    loaded = LoadedModel(
+        backend=backend,
+        tokenizer=tokenizer,
+        id=model_id(settings, random_weights),
+        architecture=settings.model,
+        preprocess=preprocess,
+        random_weights=random_weights,
+        context_length=context_length,
+    )
+    loaded.warm_up()
+    log.info("model loaded", extra={"model": loaded.id, "dim": loaded.dimension, **loaded.describe()})
+    return loaded
+
+
+def _load_weights(settings: Settings) -> tuple[Any, bool]:
+    """The open_clip model in float32 on the CPU, and whether its weights are random."""
     random_weights = _random_requested(settings.pretrained) and not settings.model.startswith("local-dir:")
     pretrained: str | None = (
         None if random_weights or settings.model.startswith("local-dir:") else settings.pretrained
@@ -237,28 +410,4 @@ def load_model(settings: Settings) -> LoadedModel:
             "RANDOM WEIGHTS: the model has no trained weights; embeddings are meaningless",
             extra={"model": settings.model},
         )
-    model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = open_clip.get_tokenizer(settings.model)
-    preprocess_cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        id=model_id(settings, random_weights),
-        architecture=settings.model,
-        device=device,
-        dtype=dtype,
-        preprocess=PreprocessConfig.from_open_clip(preprocess_cfg),
-        random_weights=random_weights,
-        context_length=int(getattr(model, "context_length", None) or tokenizer.context_length),
-    )
-    loaded.warm_up()
-    log.info(
-        "model loaded",
-        extra={
-            "model": loaded.id,
-            "device": str(device),
-            "dtype": loaded.dtype_name,
-            "dim": loaded.dimension,
-        },
-    )
-    return loaded
+    return model, random_weights

@@ -213,13 +213,20 @@ class EmbeddingService:
         open the storage session."""
         if settings.image_root is not None:
             require_image_root(settings.image_root)
-        torch.set_num_threads(settings.torch_threads or usable_cpus())
+        torch.set_num_threads(settings.model_threads or usable_cpus())
         model = await asyncio.to_thread(load_model, settings)
         session = None
         if settings.default_bucket or settings.allowed_buckets:
             session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.max_downloads))
+        described = model.describe()
         metrics.model_info.labels(
-            model.id, str(model.device), model.dtype_name, str(model.random_weights).lower()
+            model=model.id,
+            runtime=model.runtime,
+            device=str(model.device),
+            dtype=model.dtype_name,
+            random_weights=str(model.random_weights).lower(),
+            int8_cosine_min=str(described.get("int8_cosine_min", "")),
+            int8_cosine_mean=str(described.get("int8_cosine_mean", "")),
         ).set(1)
         if model.device.type == "cuda":
             index = model.device.index if model.device.index is not None else torch.cuda.current_device()

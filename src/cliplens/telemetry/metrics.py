@@ -186,8 +186,9 @@ class Metrics:
         )
         self.model_info = Gauge(
             "cliplens_model_info",
-            "The served model (always 1); its labels say which model, device and dtype.",
-            ["model", "device", "dtype", "random_weights"],
+            "The served model (always 1); its labels say which model, runtime, device and dtype, and for "
+            "int8 the lowest and mean cosine to float32 measured at start (empty otherwise).",
+            ["model", "runtime", "device", "dtype", "random_weights", "int8_cosine_min", "int8_cosine_mean"],
             registry=reg,
         )
         self.cache_requests_total = Counter(

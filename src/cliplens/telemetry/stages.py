@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -455,8 +455,12 @@ class BatchTiming:
         modality: Modality,
         size: int,
         requests: Sequence[SpanContext],
+        model: Mapping[str, str | float] | None = None,
     ) -> None:
+        """`model`: what describes the model that ran it (runtime, device, dtype, int8 fidelity),
+        as span attributes `cliplens.model.<key>`."""
         self._tracer = tracer
+        self._model = {f"cliplens.model.{key}": value for key, value in (model or {}).items()}
         self._metrics = metrics
         self._modality = modality
         self.size = size
@@ -477,7 +481,11 @@ class BatchTiming:
             kind=SpanKind.INTERNAL,
             start_time=self._clock.wall(self.started_ns),
             links=[Link(ctx) for ctx in self._requests],
-            attributes={"cliplens.batch.size": self.size, "cliplens.modality": self._modality.value},
+            attributes={
+                "cliplens.batch.size": self.size,
+                "cliplens.modality": self._modality.value,
+                **self._model,
+            },
         )
         self.span_context = span.get_span_context()
         try:
