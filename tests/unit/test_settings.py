@@ -120,6 +120,29 @@ def test_an_empty_variable_counts_as_unset() -> None:
     assert load_settings({"CLIPLENS_MAX_INPUTS": "", "CLIPLENS_IMAGE_ROOT": " "}) == Settings()
 
 
+def test_model_threads_has_a_new_name_and_keeps_the_old_one() -> None:
+    assert load_settings({"CLIPLENS_MODEL_THREADS": "3"}).model_threads == 3
+    assert load_settings({"CLIPLENS_TORCH_THREADS": "2"}).model_threads == 2
+    assert load_settings({"CLIPLENS_MODEL_THREADS": "3", "CLIPLENS_TORCH_THREADS": "2"}).model_threads == 3
+
+
+def test_the_runtime_settings_are_read() -> None:
+    settings = load_settings(
+        {
+            "CLIPLENS_RUNTIME": "ONNXRuntime",
+            "CLIPLENS_DTYPE": "int8",
+            "CLIPLENS_EXPORT_DIR": "/var/cache/cliplens",
+            "CLIPLENS_INT8_MIN_COSINE": "0.99",
+            "CLIPLENS_INT8_MEAN_COSINE": "0.995",
+            "CLIPLENS_FIDELITY_DIR": "/srv/photos/held-apart",
+        }
+    )
+    assert (settings.runtime, settings.dtype) == ("onnxruntime", "int8")
+    assert settings.export_dir == Path("/var/cache/cliplens")
+    assert (settings.int8_min_cosine, settings.int8_mean_cosine) == (0.99, 0.995)
+    assert settings.fidelity_dir == Path("/srv/photos/held-apart")
+
+
 def test_the_signal_specific_protocol_wins_over_the_general_one() -> None:
     both = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
     assert load_settings(both).otlp_protocol == "grpc"

@@ -116,8 +116,8 @@ def resolve_dtype(
     setting: str, device: torch.device, native_bf16: Callable[[], bool] = cpu_has_native_bf16
 ) -> torch.dtype:
     """The weight dtype for `setting` on `device` (see the module docstring for `auto`)."""
-    if setting not in ("auto", "int8"):
-        return _DTYPES[setting]
+    if setting != "auto":
+        return _DTYPES[setting]  # int8 never comes here: resolve_runtime sends it to onnxruntime
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if native_bf16() else torch.float32

@@ -60,7 +60,10 @@ def _mlp_matmuls(model: onnx.ModelProto) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type == "MatMul" and "/mlp/" in node.name]
 
 
-INT8_CHOICES: tuple[tuple[str, Callable[[onnx.ModelProto], list[str]] | None], ...] = (
+Selector = Callable[[onnx.ModelProto], list[str]] | None
+"""Which MatMul nodes of a model int8 quantizes; None = all of them."""
+
+INT8_CHOICES: tuple[tuple[str, Selector], ...] = (
     ("matmul", None),
     ("mlp", _mlp_matmuls),
 )
@@ -106,16 +109,22 @@ def build_onnx_backend(
     threads = settings.model_threads or usable_cpus()
     size = preprocess.size
     with _export_folder(settings, digest, random_weights) as folder:
-        image_path = _exported(folder / "image.onnx", lambda path: _export_image(module, size, path), threads)
-        text_path = _exported(
-            folder / "text.onnx", lambda path: _export_text(module, context_length, path), threads
-        )
-        text = _session(text_path, threads)
+        float_image = folder / "image.onnx"
+        text = _opened(folder / "text.onnx", lambda path: _export_text(module, context_length, path), threads)
+
+        def export_image(path: Path) -> None:
+            _export_image(module, size, path)
+
         if settings.dtype != "int8":
-            image = _session(image_path, threads)
+            image = _opened(float_image, export_image, threads)
             backend = OnnxBackend(image, text, "float32", digest)
         else:
-            image, fidelity = _int8_image_session(module, settings, preprocess, folder, image_path, threads)
+
+            def quantize(select: Selector, target: Path) -> None:
+                _opened(float_image, export_image, threads)  # checked, or exported: a sound source
+                _quantize(float_image, select, target)
+
+            image, fidelity = _int8_image_session(module, settings, preprocess, folder, quantize, threads)
             backend = OnnxBackend(image, text, "int8", digest, fidelity)
     log.info(
         "onnxruntime sessions ready",
@@ -152,13 +161,14 @@ def _export_folder(settings: Settings, digest: str, random_weights: bool) -> Ite
     yield folder
 
 
-def _exported(path: Path, build: Callable[[Path], None], threads: int) -> Path:
-    """`path`, built by `build` unless a loadable file is already there (a corrupt one is rebuilt)."""
+def _opened(path: Path, build: Callable[[Path], None], threads: int) -> ort.InferenceSession:
+    """A session of `path`, built by `build` unless a loadable file is already there (a corrupt
+    one is built again)."""
     if path.is_file():
         try:
-            _session(path, threads)
+            session = _session(path, threads)
             log.info("onnx export reused", extra={"path": str(path)})
-            return path
+            return session
         except Exception as exc:  # any load failure means: build it again
             log.warning(
                 "onnx export will not load; building it again",
@@ -169,7 +179,7 @@ def _exported(path: Path, build: Callable[[Path], None], threads: int) -> Path:
     log.info(
         "onnx export written", extra={"path": str(path), "seconds": round(time.perf_counter() - started, 2)}
     )
-    return path
+    return _session(path, threads)
 
 
 def _atomically(path: Path, build: Callable[[Path], None]) -> None:
@@ -237,7 +247,7 @@ def _int8_image_session(
     settings: Settings,
     preprocess: PreprocessConfig,
     folder: Path,
-    float_path: Path,
+    quantize: Callable[[Selector, Path], None],
     threads: int,
 ) -> tuple[ort.InferenceSession, dict[str, str | float]]:
     """The first int8 choice whose fidelity clears the floor (see the module docstring)."""
@@ -246,10 +256,7 @@ def _int8_image_session(
         reference = module.encode_image(pixels).numpy()
     measured = []
     for choice, select in INT8_CHOICES:
-        path = _exported(
-            folder / f"image-int8-{choice}.onnx", functools.partial(_quantize, float_path, select), threads
-        )
-        session = _session(path, threads)
+        session = _opened(folder / f"image-int8-{choice}.onnx", functools.partial(quantize, select), threads)
         vectors = session.run(None, {"pixels": pixels.numpy()})[0]
         low, mean = _cosine_summary(reference, vectors)
         fidelity: dict[str, str | float] = {
@@ -269,7 +276,7 @@ def _int8_image_session(
     )
 
 
-def _quantize(source: Path, select: Callable[[onnx.ModelProto], list[str]] | None, target: Path) -> None:
+def _quantize(source: Path, select: Selector, target: Path) -> None:
     nodes = select(onnx.load(str(source))) if select is not None else None
     quantize_dynamic(
         str(source),
