@@ -170,9 +170,17 @@ def test_a_corrupt_export_is_built_again(tmp_path: Path) -> None:
     assert not list(folder.glob(".*partial")), "no partial file is left behind"
 
 
-def test_random_weights_leave_no_export_behind(tiny_model: str, tmp_path: Path) -> None:
-    load_model(Settings(model=tiny_model, runtime="onnxruntime", export_dir=tmp_path, model_threads=2))
+def test_random_weights_leave_no_export_behind(
+    tiny_model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        load_model(
+            Settings(
+                model=tiny_model, runtime="onnxruntime", dtype="int8", export_dir=tmp_path, model_threads=2
+            )
+        )
     assert not list(tmp_path.iterdir()), "random weights are a new model at every start: nothing to keep"
+    assert "pre-processing" not in caplog.text, "the quantizer's advice for static quantization is not logged"
 
 
 def test_auto_picks_onnxruntime_only_where_torch_would_serve_float32() -> None:
