@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanContext, Tracer
 from cliplens.pipeline.model import LoadedModel
 from cliplens.pipeline.preprocess import Preprocessor
 from cliplens.telemetry.metrics import Metrics
-from cliplens.telemetry.stages import BatchTiming, StageTiming
+from cliplens.telemetry.stages import BatchTiming, StageTiming, model_attributes
 from cliplens.vocabulary import Modality, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Batcher:
         max_wait_s: float,
     ) -> None:
         self.model = model
-        self._described = model.describe()
+        self._described = model_attributes(model.describe())
         self.preprocessor = preprocessor
         self.tracer = tracer
         self.metrics = metrics

@@ -445,6 +445,12 @@ class RequestTimeline:
                 child.end(end_time=self._clock.wall(call.ended_ns))
 
 
+def model_attributes(described: Mapping[str, str | float]) -> dict[str, str | float]:
+    """What describes the served model (runtime, device, dtype, int8's fidelity) as the attributes
+    of each `embed batch` span: `cliplens.model.<key>`. Built once, not per batch."""
+    return {f"cliplens.model.{key}": value for key, value in described.items()}
+
+
 class BatchTiming:
     """One model forward pass: its own span (linked to the requests it served) and histograms."""
 
@@ -457,10 +463,9 @@ class BatchTiming:
         requests: Sequence[SpanContext],
         model: Mapping[str, str | float] | None = None,
     ) -> None:
-        """`model`: what describes the model that ran it (runtime, device, dtype, int8 fidelity),
-        as span attributes `cliplens.model.<key>`."""
+        """`model`: the span attributes of the model that ran it (`model_attributes`)."""
         self._tracer = tracer
-        self._model = {f"cliplens.model.{key}": value for key, value in (model or {}).items()}
+        self._model = model or {}
         self._metrics = metrics
         self._modality = modality
         self.size = size
