@@ -228,3 +228,73 @@ def test_device_decode_hands_a_jpeg_cut_short_to_pillow_which_refuses_it() -> No
     assert caught.value.code == ErrorCode.DECODE_FAILED
     grey = save(Image.new("RGB", (640, 480), (128, 128, 128)), "JPEG")  # whole: Pillow decodes it
     assert decode_on_device(grey, torch.device("cpu"), MIN_SIDE, MAX_PIXELS).size == (640, 480)
+
+
+def pillow_path(data: bytes, min_side: int, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+    """What Pillow's path alone decodes (the simplejpeg path declined)."""
+    with monkeypatch.context() as patched:
+        patched.setattr("cliplens.pipeline.decode._decode_jpeg", lambda *_: None)
+        pixels = decode_image(data, min_side, MAX_PIXELS).pixels
+    assert isinstance(pixels, np.ndarray)
+    return pixels
+
+
+@pytest.mark.parametrize(
+    ("data", "min_side"),
+    [
+        *((encode_jpeg(render_photo(6, 640, 480), orientation=o), MIN_SIDE) for o in range(1, 9)),
+        (encode_jpeg(render_photo(7, 4032, 3024)), MIN_SIDE),  # 1/4 scale
+        (encode_jpeg(render_photo(7, 2048, 1536)), MIN_SIDE),  # 1/2, where libjpeg-turbo could do 3/8
+        (encode_jpeg(render_photo(7, 2048, 1536)), 224),  # 1/4 (1/2 asked for 3/8's 576)
+        (save(PHOTO.convert("L"), "JPEG"), MIN_SIDE),
+        (save(PHOTO, "JPEG", progressive=True), MIN_SIDE),
+        (save(PHOTO, "JPEG", restart_marker_blocks=4, subsampling=0), 10_000),  # full size
+        (save(Image.new("RGB", (97, 61), (128, 128, 128)), "JPEG"), MIN_SIDE),
+    ],
+    ids=[
+        *(f"orientation-{o}" for o in range(1, 9)),
+        "12mp",
+        "3mp",
+        "3mp-224",
+        "gray",
+        "progressive",
+        "full",
+        "tiny",
+    ],
+)
+def test_the_simplejpeg_path_gives_pillows_pixels_at_pillows_scale(
+    data: bytes, min_side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import simplejpeg
+
+    calls: list[bytes] = []
+    real = simplejpeg.decode_jpeg
+
+    def spy(raw: bytes, **options: object) -> np.ndarray:
+        calls.append(raw)
+        decoded: np.ndarray = real(raw, **options)
+        return decoded
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    fast = decode_image(data, min_side, MAX_PIXELS).pixels
+    assert calls, "an RGB or gray JPEG is decoded by simplejpeg"
+    assert isinstance(fast, np.ndarray)
+    assert np.array_equal(fast, pillow_path(data, min_side, monkeypatch)), "the same pixels, upright"
+
+
+def test_what_simplejpeg_will_not_decode_strictly_goes_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray byte before a marker is a libjpeg warning: simplejpeg (strict) refuses it, Pillow
+    decodes it as it always did; CMYK never goes to simplejpeg."""
+    data = encode_jpeg(PHOTO)
+    scan = data.find(b"\xff\xda")
+    stray = data[:scan] + b"\x00" + data[scan:]
+    import simplejpeg
+
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(stray, colorspace="RGB", strict=True)
+    assert np.array_equal(
+        decode_image(stray, MIN_SIDE, MAX_PIXELS).pixels, pillow_path(data, MIN_SIDE, monkeypatch)
+    )
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *_, **__: pytest.fail("CMYK went to simplejpeg"))
+    assert decode_image(save(PHOTO.convert("CMYK"), "JPEG"), MIN_SIDE, MAX_PIXELS).size == PHOTO.size

@@ -3,6 +3,12 @@
 Only the pixels the model needs are decoded: a JPEG is decoded in the DCT domain at the smallest
 scale (1/2, 1/4, 1/8) whose shorter side still covers `min_side`, which for a 12 MP phone photo is
 16-64x less work than a full decode, and the final antialiased resize happens in `preprocess`.
+An RGB or gray JPEG is decoded by libjpeg-turbo through simplejpeg (`_decode_jpeg`): the same
+scale and the same pixels as Pillow's draft, straight into a numpy array, without Pillow's
+chunked Python load loop and its copy out (CPU per decode, interleaved, on a 2-core AMD EPYC:
+2 MP 4.8 ms against Pillow's 5.6, 12 MP 25.0 against 26.3). Anything it will not decode strictly
+(a libjpeg warning is an error there: a file cut short, stray bytes), CMYK and an unreadable EXIF
+block take Pillow's path, as before.
 With `CLIPLENS_GPU_DECODE`, JPEGs are instead decoded by torchvision on the model's device
 (nvJPEG on CUDA) into a tensor that never leaves it; other formats, and JPEGs that path cannot
 take (CMYK), still go through Pillow.
@@ -31,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -306,6 +313,9 @@ def _reduce(image: Image.Image, image_format: str, min_side: int) -> None:
         image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
 
 
+_CUT_SCAN = "the JPEG is cut short: its scan ends before its last block (an end marker was appended)"
+
+
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
     """Decode `data` to RGB pixels whose shorter side is at least `min_side` when the source allows.
 
@@ -314,15 +324,16 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
     image, image_format = _open_checked(data, max_pixels)
     with image:
         width, height = image.size
+        if image_format == "JPEG" and image.mode in ("RGB", "L"):
+            pixels = _decode_jpeg(data, image, min_side)
+            if pixels is not None:
+                return DecodedImage(pixels, image_format, (width, height))
         _reduce(image, image_format, min_side)
         try:
             sequential = image_format == "JPEG" and _check_scans(data, image)
             image.load()
             if sequential and _ends_in_grey_fill(_corner(image)) and _ran_out_early(data):
-                raise ItemError(
-                    ErrorCode.DECODE_FAILED,
-                    "the JPEG is cut short: its scan ends before its last block (an end marker was appended)",
-                )
+                raise ItemError(ErrorCode.DECODE_FAILED, _CUT_SCAN)
             ImageOps.exif_transpose(image, in_place=True)  # not in place, it copies an upright image
             pixels = _to_rgb(image)
         except ItemError:
@@ -330,6 +341,48 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> DecodedImage:
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise ItemError(ErrorCode.DECODE_FAILED, f"the {image_format} data is corrupt: {exc}") from None
     return DecodedImage(pixels, image_format, (width, height))
+
+
+def _decode_jpeg(data: bytes, header: Image.Image, min_side: int) -> np.ndarray | None:
+    """An RGB or gray JPEG's upright RGB pixels, decoded by simplejpeg at the DCT scale Pillow's
+    draft would use (`_draft_size`), so that size, memory and pixels are the same either way; the
+    same completeness checks as Pillow's path. None: take Pillow's path (see the module docstring).
+    """
+    try:
+        orientation = int(header.getexif().get(_EXIF_ORIENTATION, 1))
+    except (SyntaxError, ValueError, TypeError, OSError, struct.error):
+        return None
+    sequential = _check_scans(data, header)
+    width, height = _draft_size(*header.size, min_side)
+    try:
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_width=width, min_height=height, strict=True
+        )
+    except ValueError:
+        return None
+    if pixels.shape[:2] != (height, width):
+        return None
+    if sequential and _ends_in_grey_fill(pixels[-1, -_GREY_CORNER_PIXELS:]) and _ran_out_early(data):
+        raise ItemError(ErrorCode.DECODE_FAILED, _CUT_SCAN)
+    upright: np.ndarray = _ORIENT_HWC.get(orientation, _upright)(pixels)
+    return upright
+
+
+def _upright(pixels: np.ndarray) -> np.ndarray:
+    return pixels
+
+
+_ORIENT_HWC: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+"""EXIF orientation -> the view of (height, width, 3) pixels that shows them upright, as
+`ImageOps.exif_transpose` does (`_ORIENT` is the same for channels-first tensors)."""
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
