@@ -143,21 +143,32 @@ def model_ceiling(
     model = open_clip.create_model(model_name).to(device=device, dtype=dtype).eval()
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
-    best = (0.0, 0)
     with torch.inference_mode():
-        for batch in batch_sizes:
-            x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-            model.encode_image(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started, done = time.perf_counter(), 0
-            while time.perf_counter() - started < seconds:
-                model.encode_image(x)
-                done += batch
-            if device == "cuda":
-                torch.cuda.synchronize()
-            rate = done / (time.perf_counter() - started)
-            best = max(best, (rate, batch))
+        return best_rate(model.encode_image, (size, size), batch_sizes, seconds, device, dtype)
+
+
+def best_rate(
+    encode: Callable[[torch.Tensor], object],
+    size: tuple[int, int],
+    batch_sizes: Sequence[int],
+    seconds: float,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[float, int]:
+    """(images/s, batch size) of `encode` at its best batch size, random pixels, no I/O."""
+    best = (0.0, 0)
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
+        encode(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started, done = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            encode(x)
+            done += batch
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, (done / (time.perf_counter() - started), batch))
     return best
 
 
@@ -185,7 +196,7 @@ def runtime_costs(
     """torch float32, ONNX Runtime float32 and int8 on the same seeded weights, saved to a local
     folder so the exports are kept: throughput at the best batch size, cosine to torch float32 on
     generated photos, and the time of a start that finds its export."""
-    from cliplens.pipeline.onnx_runtime import fidelity_pixels
+    from cliplens.pipeline.onnx_runtime import cosine_summary, fidelity_pixels
 
     folder = workdir / "runtime-model"
     folder.mkdir(parents=True, exist_ok=True)
@@ -216,23 +227,11 @@ def runtime_costs(
         pixels, _ = fidelity_pixels(settings, model.preprocess)
         vectors = model.encode_images(pixels)
         reference = vectors if reference is None else reference
-        a = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-        b = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        cosine = (a * b).sum(axis=1)
-        best = (0.0, 0)
-        for batch in batch_sizes:
-            x = torch.randn(batch, 3, *model.preprocess.size)
-            model.encode_images(x)
-            begun, done = time.perf_counter(), 0
-            while time.perf_counter() - begun < seconds:
-                model.encode_images(x)
-                done += batch
-            best = max(best, (done / (time.perf_counter() - begun), batch))
+        low, mean = cosine_summary(reference, vectors)
+        best = best_rate(model.encode_images, model.preprocess.size, batch_sizes, seconds)
         name = f"{runtime} {dtype}"
-        results.append(
-            RuntimeCosts(name, *best, float(cosine.min()), float(cosine.mean()), start_s, model.describe())
-        )
-        print(f"runtime {name}: {best[0]:.2f} images/s, cosine min {cosine.min():.5f}, start {start_s:.1f} s")
+        results.append(RuntimeCosts(name, *best, low, mean, start_s, model.describe()))
+        print(f"runtime {name}: {best[0]:.2f} images/s, cosine min {low:.5f}, start {start_s:.1f} s")
     return results
 
 

@@ -258,7 +258,7 @@ def _int8_image_session(
     for choice, select in INT8_CHOICES:
         session = _opened(folder / f"image-int8-{choice}.onnx", functools.partial(quantize, select), threads)
         vectors = session.run(None, {"pixels": pixels.numpy()})[0]
-        low, mean = _cosine_summary(reference, vectors)
+        low, mean = cosine_summary(reference, vectors)
         fidelity: dict[str, str | float] = {
             "quantized": choice,
             "int8_cosine_min": round(low, 5),
@@ -301,7 +301,8 @@ def _quantize(source: Path, select: Selector, target: Path) -> None:
         logging.getLogger().removeFilter(quiet)
 
 
-def _cosine_summary(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+def cosine_summary(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """The lowest and the mean cosine between the rows of `a` and `b`."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     cosines = (a * b).sum(axis=1)
