@@ -2,15 +2,19 @@
 
 The URL-input tests point the service at it: each path has a script, a list of steps taken one per
 request (the last step repeats): serve bytes (with or without `Content-Length`), answer a status,
-or redirect. Every request is recorded (its path and Host header), so a test can assert that a
-refused URL never reached it. It runs in its own thread (the standard library's threading server).
+redirect, or stall before serving. Every request is recorded (its path and Host header), so a test
+can assert that a refused URL never reached it. It runs in its own thread (the standard library's
+threading server), over plain HTTP or, given a server TLS context, HTTPS (the handshake is made when
+a connection is accepted: one the client abandons, a certificate it refused, records no request).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Self
@@ -40,13 +44,23 @@ class Redirect:
     status: int = 302
 
 
-Step = Serve | Status | Redirect
+@dataclass(frozen=True)
+class Stall:
+    """200 with `data`, silent for `seconds` first: before the status line, or after half the body."""
+
+    data: bytes
+    seconds: float
+    mid_body: bool = False
+
+
+Step = Serve | Status | Redirect | Stall
 
 
 class ImageHost:
     """The server; `put` a script for a path, `requests` says what arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.scheme = "http" if tls is None else "https"
         self._scripts: dict[str, list[Step]] = {}
         self._lock = threading.Lock()
         self.requests: list[tuple[str, str]] = []
@@ -78,6 +92,10 @@ class ImageHost:
                     self.end_headers()
                     self.wfile.write(body)
                     return
+                if isinstance(step, Stall):
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self._stall(step)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "image/jpeg")
                 if step.sized:
@@ -89,11 +107,27 @@ class ImageHost:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(step.data)  # the client may stop reading at its cap
 
+            def _stall(self, step: Stall) -> None:
+                half = len(step.data) // 2
+                if not step.mid_body:
+                    time.sleep(step.seconds)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(step.data)))
+                self.end_headers()
+                self.wfile.write(step.data[:half])
+                self.wfile.flush()
+                if step.mid_body:
+                    time.sleep(step.seconds)
+                self.wfile.write(step.data[half:])
+
             def log_message(self, format: str, *args: object) -> None:
                 return None
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, name="image-host", daemon=True)
 
     @property
@@ -101,7 +135,7 @@ class ImageHost:
         return int(self._server.server_address[1])
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def put(self, path: str, *steps: Step) -> None:
         with self._lock:

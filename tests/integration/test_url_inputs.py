@@ -6,6 +6,11 @@ caused no connection at all. Names resolve through a table the test controls (`N
 place of the URL source's `resolve`), so that `meta.test` can resolve to 169.254.169.254 without
 touching /etc/hosts; `localhost` goes through the real resolver. Loopback is reachable only in
 the apps that set the test-only `url_allow_loopback`.
+
+HTTPS is served by the same kind of server with a certificate from a throwaway CA
+(tests/harness/certificates.py) that names `localhost` only. A service trusts that CA the way a
+deployment trusts a private one, with `SSL_CERT_FILE`; aiohttp reads the trust store once, when it is
+imported, so that service is a `cliplens serve` process of its own.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import httpx
 import numpy as np
 import pytest
 from litestar import Litestar
@@ -29,7 +36,10 @@ from cliplens.app import create_app
 from cliplens.pipeline.urls import resolve_host
 from cliplens.settings import Settings
 from tests.conftest import photo_bytes, wait_ready
-from tests.harness.image_host import ImageHost, Redirect, Serve, Status
+from tests.harness.certificates import CertificateAuthority
+from tests.harness.image_host import ImageHost, Redirect, Serve, Stall, Status
+from tests.harness.service import Service
+from tests.harness.service import serving as serving_process
 
 Client = TestClient[Litestar]
 PHOTO = photo_bytes("album/1/a.jpg")
@@ -427,3 +437,117 @@ def test_http_is_refused_unless_allowed(tiny_model: str, host: ImageHost) -> Non
         code, message = refused(client, host.url("/plain.jpg", "localhost"))
     assert code == "forbidden" and "CLIPLENS_URL_ALLOW_HTTP" in message, message
     assert host.paths("/plain.jpg") == []
+
+
+# --- HTTPS: the certificate is checked against the URL's host, through the pinned resolver ------
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_host(authority: CertificateAuthority) -> Iterator[ImageHost]:
+    """An HTTPS image host whose certificate names `localhost`, and neither 127.0.0.1 nor any other."""
+    with ImageHost(authority.issue("localhost").server_context()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def trusting(
+    tiny_model: str, authority: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """A `cliplens serve` that trusts the test CA (and no other: SSL_CERT_FILE replaces the system's
+    store), may fetch from localhost and 127.0.0.1, and does not retry."""
+    with serving_process(
+        tiny_model,
+        tmp_path_factory.mktemp("tls-service"),
+        SSL_CERT_FILE=str(authority.certificate),
+        CLIPLENS_URL_HOSTS="localhost,127.0.0.1",
+        CLIPLENS_URL_ALLOW_LOOPBACK="1",
+        CLIPLENS_DOWNLOAD_RETRIES="0",
+        CLIPLENS_MAX_IMAGE_BYTES=str(CAP),
+    ) as service:
+        yield service
+
+
+def embed_over_http(service: Service, items: Sequence[str]) -> dict[str, object]:
+    response = httpx.post(f"{service.url}/v1/embeddings", json={"input": list(items)}, timeout=120)
+    assert response.status_code == 200, response.text  # the harness's service answers `partial`
+    body: dict[str, object] = response.json()
+    return body
+
+
+def test_https_works_when_the_certificate_names_the_urls_host_and_its_ca_is_trusted(
+    trusting: Service, tls_host: ImageHost
+) -> None:
+    tls_host.put("/tls/photo.jpg", Serve(PHOTO))
+    url = tls_host.url("/tls/photo.jpg", "localhost")
+    assert url.startswith("https://localhost:")
+    inline = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
+    body = embed_over_http(trusting, [url, inline])
+    assert body["errors"] == []
+    fetched, reference = (np.asarray(d["embedding"], dtype=np.float32) for d in body["data"])  # type: ignore[attr-defined]
+    np.testing.assert_allclose(fetched, reference, atol=1e-6)
+    assert tls_host.paths("/tls/") == ["/tls/photo.jpg"]
+    assert tls_host.hosts(["/tls/photo.jpg"]) == [f"localhost:{tls_host.port}"]
+
+
+def test_https_to_an_allowed_host_the_certificate_does_not_name_is_refused(
+    trusting: Service, tls_host: ImageHost
+) -> None:
+    """The same server, address and trusted certificate as above: only the URL's host differs
+    (127.0.0.1, which the certificate does not name), so the handshake fails and no request is sent."""
+    tls_host.put("/tls/by-address.jpg", Serve(PHOTO))
+    body = embed_over_http(trusting, [tls_host.url("/tls/by-address.jpg", "127.0.0.1")])
+    assert body["data"] == []
+    ((code, message),) = [(e["code"], e["message"]) for e in body["errors"]]  # type: ignore[attr-defined]
+    assert code == "storage_unavailable" and "CertificateError" in message, message
+    assert tls_host.paths("/tls/by-address.jpg") == []
+
+
+def test_https_with_a_certificate_from_a_ca_the_service_does_not_trust_is_refused(
+    client: Client, tls_host: ImageHost
+) -> None:
+    """The in-process app trusts the system's CAs only: the test CA's certificate is refused even
+    for the name it is made for."""
+    tls_host.put("/tls/untrusted.jpg", Serve(PHOTO))
+    code, message = refused(client, tls_host.url("/tls/untrusted.jpg", "localhost"))
+    assert code == "storage_unavailable" and "CertificateError" in message, message
+    assert tls_host.paths("/tls/untrusted.jpg") == []
+
+
+# --- Timeouts -----------------------------------------------------------------------------------
+
+DOWNLOAD_TIMEOUT_S = 1.0
+STALL_S = 4.0
+
+
+@pytest.fixture(scope="module")
+def impatient(tiny_model: str) -> Iterator[Client]:
+    """URLs to localhost, a one-second download timeout and no retry."""
+    settings = dataclasses.replace(
+        base_settings(tiny_model),
+        url_hosts=("localhost",),
+        url_allow_http=True,
+        url_allow_loopback=True,
+        download_timeout_s=DOWNLOAD_TIMEOUT_S,
+        download_retries=0,
+    )
+    with serving(settings, Names({})) as (client, _):
+        yield client
+
+
+@pytest.mark.parametrize("mid_body", [False, True], ids=["before-headers", "mid-body"])
+def test_a_server_that_stalls_past_the_download_timeout_is_a_timeout(
+    impatient: Client, host: ImageHost, mid_body: bool
+) -> None:
+    path = f"/stall/{mid_body}.jpg"
+    host.put(path, Stall(PHOTO, STALL_S, mid_body=mid_body))
+    started = time.monotonic()
+    code, message = refused(impatient, host.url(path, "localhost"))
+    waited = time.monotonic() - started
+    assert code == "timeout" and f"took longer than {DOWNLOAD_TIMEOUT_S:.1f} s" in message, message
+    assert DOWNLOAD_TIMEOUT_S <= waited < STALL_S, "given up at the timeout, not when the server went on"
+    assert host.paths(path) == [path]
