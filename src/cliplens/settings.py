@@ -210,8 +210,9 @@ class Settings:
     """Connections to the shared tier per process; an operation that finds none free within the
     timeout is bypassed."""
 
-    extremes_window_s: Annotated[float, _Positive] = 15.0
-    """Sliding window of the exact min/max gauges; keep it above the Prometheus scrape interval."""
+    extremes_window_s: Annotated[float, Field(ge=1)] = 15.0
+    """Sliding window of the exact min/max gauges; keep it above the Prometheus scrape interval.
+    At least 1 s: the window moves in one-second slots (1.5 counts as 2)."""
 
     log_level: Annotated[str, _Upper] = "INFO"
     """Level of the JSON log lines written to stderr."""

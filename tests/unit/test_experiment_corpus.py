@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import re
 import sys
 import urllib.request
@@ -174,6 +175,9 @@ def test_the_latency_proxy_listens_on_loopback_only() -> None:
         ({"storage": "fake-gcs", "delay_ms": 10.0, "jitter_ms": 20.0}, "--jitter-ms"),
         ({"storage": "fake-gcs", "rate_mbps": 0.0}, "--rate-mbps"),
         ({"repeat": 0}, "--repeat"),
+        ({"timeout_s": 0.0}, "--timeout must be a number of seconds > 0, not 0"),
+        ({"timeout_s": -5.0}, "--timeout must be a number of seconds > 0, not -5"),
+        ({"timeout_s": math.nan}, "--timeout must be a number of seconds > 0, not nan"),
         ({"scenarios": ()}, "no scenarios"),
         ({"limit": 3}, "--limit samples a folder or a bucket"),
         ({"photos_dir": Path("x"), "limit": 0}, "--limit must be >= 1"),

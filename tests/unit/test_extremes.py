@@ -1,3 +1,4 @@
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from cliplens.telemetry.extremes import WindowedExtremes
@@ -51,3 +52,9 @@ def test_a_scrape_does_not_reset_the_values() -> None:
     first = generate_latest(registry)
     assert generate_latest(registry) == first
     assert b'cliplens_image_stage_max_seconds{stage="load"} 0.25' in first
+
+
+@pytest.mark.parametrize("window_s", [0.5, 0, -1, float("nan")])
+def test_a_window_under_a_second_is_refused_not_rounded(window_s: float) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        WindowedExtremes(window_s)

@@ -81,9 +81,7 @@ def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
         load_settings({name: value})
 
 
-@pytest.mark.parametrize(
-    "name", ["CLIPLENS_REQUEST_TIMEOUT_S", "CLIPLENS_DOWNLOAD_TIMEOUT_S", "CLIPLENS_EXTREMES_WINDOW_S"]
-)
+@pytest.mark.parametrize("name", ["CLIPLENS_REQUEST_TIMEOUT_S", "CLIPLENS_DOWNLOAD_TIMEOUT_S"])
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_a_zero_or_negative_deadline_refuses_to_start(name: str, value: str) -> None:
     with pytest.raises(SettingsError) as raised:
@@ -92,6 +90,17 @@ def test_a_zero_or_negative_deadline_refuses_to_start(name: str, value: str) -> 
     assert message.startswith(f"{name}={value!r}: "), message
     assert "greater than 0" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["0.5", "0", "-5"])
+def test_an_extremes_window_under_a_second_refuses_to_start(value: str) -> None:
+    """The window moves in one-second slots: half a second cannot be honoured, so it is not taken."""
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"CLIPLENS_EXTREMES_WINDOW_S": value})
+    message = str(raised.value)
+    assert message.startswith(f"CLIPLENS_EXTREMES_WINDOW_S={value!r}: "), message
+    assert "greater than or equal to 1" in message
+    assert load_settings({"CLIPLENS_EXTREMES_WINDOW_S": "1"}).extremes_window_s == 1
 
 
 def test_a_zero_shutdown_grace_means_no_grace() -> None:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,8 @@ class StudyPlan:
             raise StudyError("--rate-mbps must be > 0 (leave it out for no limit)")
         if self.repeat < 1 or self.warmup < 0:
             raise StudyError("--repeat must be >= 1 and --warmup >= 0")
+        if not 0 < self.timeout_s < math.inf:
+            raise StudyError(f"--timeout must be a number of seconds > 0, not {self.timeout_s:g}")
         if self.limit is not None and self.limit < 1:
             raise StudyError("--limit must be >= 1")
         if self.limit is not None and self.photos_dir is None and self.photos_bucket is None:

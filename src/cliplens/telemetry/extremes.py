@@ -50,7 +50,11 @@ class WindowedExtremes(Collector):
     """Exact min / max per series over a sliding window; see the module docstring."""
 
     def __init__(self, window_s: float, clock: Clock = time.monotonic) -> None:
-        self.window_s = max(1, math.ceil(window_s))
+        if not window_s >= 1:
+            raise ValueError(
+                f"the extremes window must be at least 1 s (it moves in one-second slots), not {window_s!r}"
+            )
+        self.window_s = math.ceil(window_s)
         self._clock = clock
         self._families: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self._series: dict[tuple[str, tuple[str, ...]], _Series] = {}
