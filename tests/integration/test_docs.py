@@ -18,6 +18,12 @@ The markers:
                       `cliplens SUBCOMMAND` is run, at a small size, by a test. Not rerun here (the
                       suite would run itself)
     text              not a command: a response or a table shown, a schema, a layout, arithmetic
+    tested-small      `cliplens` commands too slow to run here as written (a full study takes minutes on
+                      two cores), which a test runs at a small size: each is accepted by the real
+                      parser, and some test file under tests/ runs `cliplens.cli` with its
+                      subcommand, its variables, every option it gives and every choice it makes
+                      (they are string literals of that file: tests/integration/test_experiment.py
+                      runs the studies and `--compare`, tests/integration/test_server.py the demo)
     needs-cloud       real Google Cloud credentials (a `gs://` bucket, `--storage gcs`, a key file)
     needs-docker      a Docker daemon (`docker compose`)
     needs-kubernetes  a cluster (`kubectl apply`)
@@ -26,10 +32,12 @@ The markers:
     TODO              undecided: always a failure
 
 A block without a marker, with an unknown one, or a marker with no block under it fails, naming the
-file and line. A `needs-*` block must name what it needs (`gs://`, `docker`, `kubectl`, ...), so that
-a runnable block cannot hide under one; and the `cliplens` commands of every shell block, whatever its
-marker, must be accepted by the real argument parser (`cliplens.cli.build_parser`), every option
-spelled out in full.
+file and line. Every command of a `needs-*` block must name what its marker needs (`gs://`,
+`docker`, `kubectl`, ...), so that a runnable command cannot hide under one; the one exception is a
+`cliplens serve ... &` in the background, the service the block's other commands call. The
+`cliplens` commands of every shell block, whatever its marker, and every inline code span of the
+prose that is a `cliplens` command (`CLIPLENS_MAX_BATCH=16 cliplens experiment`), must be accepted
+by the real argument parser (`cliplens.cli.build_parser`), every option spelled out in full.
 
 How a `run` block runs, by language:
 
@@ -62,6 +70,7 @@ some `run` block (a rewrite must not outlive the text it was written for).
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import math
@@ -99,7 +108,8 @@ NEEDS = {
     "needs-gpu": ("cuda", "gpu", "nvidia"),
     "needs-locust": ("locust",),
 }
-MARKERS = frozenset({"run", "serve", "ci", "text", *NEEDS})
+TESTED_SMALL = "tested-small"
+MARKERS = frozenset({"run", "serve", "ci", "text", TESTED_SMALL, *NEEDS})
 SHELL_LANGUAGES = ("sh", "bash", "shell")
 RUN_LANGUAGES = (*SHELL_LANGUAGES, "python", "promql")
 
@@ -185,6 +195,11 @@ class Command:
 
     environment: dict[str, str]
     words: list[str]
+    background: bool = False
+    """Ended by `&`."""
+
+    def __str__(self) -> str:
+        return " ".join([*(f"{name}={value}" for name, value in self.environment.items()), *self.words])
 
 
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -209,16 +224,37 @@ def commands(script: str) -> list[Command]:
             if token not in OPERATORS:
                 current.append(token)
                 continue
-            assignments = [word for word in current if ASSIGNMENT.match(word)]
-            words = current[len(assignments) :] if current[: len(assignments)] == assignments else current
+            leading = next((n for n, word in enumerate(current) if not ASSIGNMENT.match(word)), len(current))
+            assignments, words = current[:leading], current[leading:]
             if words:
-                found.append(Command(dict(word.split("=", 1) for word in assignments), words))
+                environment = dict(word.split("=", 1) for word in assignments)
+                found.append(Command(environment, words, background=token == "&"))
             current = []
     return found
 
 
 def cliplens_commands(script: str) -> list[Command]:
     return [command for command in commands(script) if Path(command.words[0]).name == "cliplens"]
+
+
+def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser | None = action.choices.get(name)
+            return found
+    return None
+
+
+def refusal(
+    parser: argparse.ArgumentParser, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> str | None:
+    """Why the parser refuses `args`, or None when it takes them (`--help` and `--version` too)."""
+    try:
+        parser.parse_args(args)
+    except SystemExit as exited:
+        error = capsys.readouterr().err.strip()
+        return None if exited.code == 0 else error or f"exit status {exited.code}"
+    return None
 
 
 def strict_parser() -> argparse.ArgumentParser:
@@ -480,6 +516,27 @@ def test_every_fenced_block_has_a_known_marker() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_every_command_of_a_needs_block_needs_what_it_says() -> None:
+    """A command that could run here must not ride along in a block that cannot."""
+    problems: list[str] = []
+    checked = 0
+    for block in all_blocks():
+        if block.marker not in NEEDS:
+            continue
+        needed = NEEDS[block.marker]
+        for command in commands(block.text):
+            checked += 1
+            if command.background and cliplens_commands(" ".join(command.words)):
+                continue  # the service the block's other commands call
+            if not any(need.lower() in str(command).lower() for need in needed):
+                problems.append(
+                    f"{block.where}: `{command}` needs none of {needed}: give it a block of its own "
+                    f"(`run`, or `{TESTED_SMALL}` if a test runs it at a small size)"
+                )
+    assert checked >= 8, "the documents' needs-* commands were not found"
+    assert not problems, "\n".join(problems)
+
+
 def test_every_cliplens_command_in_the_docs_is_accepted_by_the_real_parser(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -491,17 +548,127 @@ def test_every_cliplens_command_in_the_docs_is_accepted_by_the_real_parser(
             continue
         for command in cliplens_commands(block.text):
             checked += 1
-            try:
-                parser.parse_args(command.words[1:])
-            except SystemExit:
-                refused.append(
-                    f"{block.where}: {shlex.join(command.words)}: {capsys.readouterr().err.strip()}"
-                )
+            problem = refusal(parser, command.words[1:], capsys)
+            if problem:
+                refused.append(f"{block.where}: {command}: {problem}")
     assert checked >= 10, "the documents' cliplens commands were not found"
     assert not refused, "\n".join(refused)
 
 
-def test_ci_blocks_are_what_ci_runs() -> None:
+CODE_SPAN = re.compile(r"(?<!`)`(?P<code>[^`]+)`(?!`)")
+PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_]*|<[^<>]+>)$")
+
+
+def prose(document: Path) -> str:
+    """The document with its fenced blocks blanked out (line by line, so line numbers still hold)."""
+    lines = document.read_text(encoding="utf-8").splitlines()
+    fence: str | None = None
+    for number, line in enumerate(lines):
+        opening = FENCE.match(line)
+        if fence is None and not opening:
+            continue
+        if fence is None and opening:
+            fence = opening["fence"]
+        elif fence is not None and re.match(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$", line):
+            fence = None
+        lines[number] = ""
+    return "\n".join(lines)
+
+
+def inline_commands(document: Path) -> list[tuple[str, Command]]:
+    """The inline code spans of the prose that are a `cliplens` command (after any VAR=value), with
+    where each is: an ellipsis is not a command; a placeholder word (N, DIR, <path>) is read as 1."""
+    text = prose(document)
+    found: list[tuple[str, Command]] = []
+    for span in CODE_SPAN.finditer(text):
+        code = span["code"]
+        if "\n\n" in code or "…" in code or "..." in code:
+            continue
+        first = next(iter(commands(" ".join(code.split()))), None)
+        if first is None or Path(first.words[0]).name != "cliplens" or len(first.words) < 2:
+            continue
+        words = ["1" if PLACEHOLDER.match(word) else word for word in first.words]
+        where = f"{document.relative_to(ROOT)}:{text.count(chr(10), 0, span.start()) + 1}"
+        found.append((where, Command(first.environment, words)))
+    return found
+
+
+def test_every_inline_cliplens_command_is_accepted_by_the_real_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = strict_parser()
+    variables = {variable for setting in describe_settings() for variable in setting.variables}
+    found = [each for document in documents() for each in inline_commands(document)]
+    refused = [
+        f"{where}: `{command}`: {problem}"
+        for where, command in found
+        if (problem := refusal(parser, command.words[1:], capsys))
+    ]
+    refused += [
+        f"{where}: `{command}`: {name} is no setting"
+        for where, command in found
+        for name in command.environment
+        if name not in variables
+    ]
+    assert len(found) >= 10, "the documents' inline cliplens commands were not found"
+    assert not refused, "\n".join(refused)
+
+
+def string_literals(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
+def spelled(parser: argparse.ArgumentParser, command: Command) -> set[str]:
+    """What a test that runs `command` spells out: its subcommand, variables, options and choices."""
+    arguments = command.words[1:]
+    wanted = {*arguments[:1], *command.environment}
+    chosen = subparser(parser, arguments[0]) if arguments else None
+    options = {name: action for action in (chosen or parser)._actions for name in action.option_strings}
+    for word, after in zip(arguments, [*arguments[1:], ""], strict=True):
+        if not word.startswith("--"):
+            continue
+        option, equals, value = word.partition("=")
+        wanted.add(option)
+        action = options.get(option)
+        if action is not None and action.choices:
+            wanted.add(value if equals else after)
+    return wanted
+
+
+def test_tested_small_commands_are_run_by_a_test() -> None:
+    parser = strict_parser()
+    literals = {
+        path.relative_to(ROOT): string_literals(path)
+        for path in (ROOT / "tests").rglob("*.py")
+        if path != Path(__file__).resolve()
+    }
+    problems: list[str] = []
+    blocks = [block for block in all_blocks() if block.marker == TESTED_SMALL]
+    assert blocks, f"no `{TESTED_SMALL}` block found"
+    for block in blocks:
+        found = commands(block.text)
+        if not found:
+            problems.append(f"{block.where}: no command")
+        for command in found:
+            if command.background or Path(command.words[0]).name != "cliplens":
+                problems.append(f"{block.where}: `{command}` is not a cliplens command in the foreground")
+                continue
+            wanted = {"cliplens.cli", *spelled(parser, command)}
+            if not any(wanted <= strings for strings in literals.values()):
+                best = max(literals, key=lambda path: len(wanted & literals[path]))
+                problems.append(
+                    f"{block.where}: no test runs `{command}`; the closest, {best}, never spells "
+                    f"{sorted(wanted - literals[best])}"
+                )
+    assert not problems, "\n".join(problems)
+
+
+def test_ci_blocks_are_what_ci_runs(capsys: pytest.CaptureFixture[str]) -> None:
     ci_run = (ROOT / ".ci" / "run").read_text()
     tests = "\n".join(
         path.read_text() for path in (ROOT / "tests").rglob("*.py") if path != Path(__file__).resolve()
@@ -520,9 +687,12 @@ def test_ci_blocks_are_what_ci_runs() -> None:
                 continue
             body = path.read_text()
             assert "/bootstrap" in body, f"{block.where}: {script} does not use the bootstrap CI runs"
-            final = re.search(r'^exec "\$VENV/bin/cliplens" (\w+)', body, re.MULTILINE)
+            final = re.search(r'^exec "\$VENV/bin/cliplens" (.*)$', body, re.MULTILINE)
             assert final, f"{block.where}: {script} is not run by .ci/run and does not exec `cliplens`"
-            subcommand = final[1]
+            arguments = [word for word in shlex.split(final[1]) if word != "$@"]
+            problem = refusal(strict_parser(), arguments, capsys)
+            assert problem is None, f"{block.where}: {script}: cliplens {final[1]}: {problem}"
+            subcommand = arguments[0]
             run_by_a_test = f'"cliplens.cli", "{subcommand}"' in tests
             assert run_by_a_test, f"{block.where}: {script} runs `cliplens {subcommand}`, which no test runs"
 

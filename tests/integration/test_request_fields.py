@@ -153,3 +153,17 @@ def test_truncate_cuts_to_the_context_and_says_which_inputs_were_cut(client: Tes
     assert np.allclose(vectors[1], vectors[2], atol=1e-5)  # cut to its first 75 words, as `fits` is
     assert np.allclose(vectors[2], _vectors(exact)[0], atol=1e-6)
     assert cut["usage"]["prompt_tokens"] == 4 + 77 + 77  # "a dog" is 2 words + start + end
+
+
+def test_user_is_accepted_and_ignored(client: TestClient[Litestar]) -> None:
+    """OpenAI's `user` (an end-user id for abuse monitoring) changes nothing: not refused, not echoed,
+    not part of what is embedded."""
+    plain = client.post("/v1/embeddings", json={"input": PHOTOS[:2], "cache": False})
+    tagged = client.post("/v1/embeddings", json={"input": PHOTOS[:2], "cache": False, "user": "user-1234"})
+    assert plain.status_code == tagged.status_code == 200
+    assert "user-1234" not in tagged.text
+    assert tagged.json()["usage"] == plain.json()["usage"]
+    vectors, tagged_vectors = _vectors(plain.json()), _vectors(tagged.json())
+    assert sorted(tagged_vectors) == sorted(vectors) == [0, 1]
+    for index, vector in vectors.items():
+        assert np.allclose(tagged_vectors[index], vector, atol=1e-6)
