@@ -503,7 +503,8 @@ def test_https_to_an_allowed_host_the_certificate_does_not_name_is_refused(
     body = embed_over_http(trusting, [tls_host.url("/tls/by-address.jpg", "127.0.0.1")])
     assert body["data"] == []
     ((code, message),) = [(e["code"], e["message"]) for e in body["errors"]]  # type: ignore[attr-defined]
-    assert code == "storage_unavailable" and "CertificateError" in message, message
+    assert code == "storage_unavailable" and "certificate was refused" in message, message
+    assert "certificate is not valid for '127.0.0.1'" in message, message
     assert tls_host.paths("/tls/by-address.jpg") == []
 
 
@@ -513,9 +514,22 @@ def test_https_with_a_certificate_from_a_ca_the_service_does_not_trust_is_refuse
     """The in-process app trusts the system's CAs only: the test CA's certificate is refused even
     for the name it is made for."""
     tls_host.put("/tls/untrusted.jpg", Serve(PHOTO))
+    retries_before = url_retries(client)
     code, message = refused(client, tls_host.url("/tls/untrusted.jpg", "localhost"))
-    assert code == "storage_unavailable" and "CertificateError" in message, message
+    assert code == "storage_unavailable" and "certificate was refused" in message, message
+    assert "self-signed certificate" in message, message
     assert tls_host.paths("/tls/untrusted.jpg") == []
+    assert url_retries(client) == retries_before, "a certificate that is not trusted is not retried"
+
+
+def url_retries(client: Client) -> float:
+    """All of `cliplens_download_retries_total{source="url"}`, whatever the reason."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == "cliplens_download_retries_total" and sample.labels.get("source") == "url"
+    )
 
 
 # --- Timeouts -----------------------------------------------------------------------------------

@@ -374,6 +374,11 @@ def _storage_errors(reference: object, timeout_s: float, call: ClientCall) -> It
         raise _Transient(
             ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
         ) from None
+    except aiohttp.ClientSSLError as exc:
+        call.fail(exc)  # a certificate stays wrong on a second try: no retry
+        raise ItemError(
+            ErrorCode.STORAGE_UNAVAILABLE, f"no TLS connection for {reference}: {_tls_reason(exc)}"
+        ) from None
     except (aiohttp.ClientError, OSError) as exc:
         call.fail(exc)
         raise _Transient(
@@ -381,6 +386,15 @@ def _storage_errors(reference: object, timeout_s: float, call: ClientCall) -> It
             f"storage did not answer for {reference}: {type(exc).__name__}",
             "connection",
         ) from None
+
+
+def _tls_reason(exc: aiohttp.ClientSSLError) -> str:
+    """What went wrong in the TLS handshake, in OpenSSL's words (`Hostname mismatch, ...`)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        detail = getattr(cause, "verify_message", None) or str(cause)
+        return f"the server's TLS certificate was refused ({detail})"
+    return f"the TLS handshake failed ({getattr(exc.os_error, 'reason', None) or exc.os_error})"
 
 
 async def _retrying(
