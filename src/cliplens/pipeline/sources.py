@@ -163,7 +163,12 @@ class LocalDirectorySource:
             if status.st_size > self.max_bytes:
                 raise ItemError(ErrorCode.TOO_LARGE, f"the file is larger than {self.max_bytes} bytes")
             with os.fdopen(fd, "rb", closefd=False) as handle:
-                data = handle.read(self.max_bytes + 1)
+                # the size stat'ed plus one byte, not the cap: a read of the cap allocates it (64 MiB
+                # by default, fresh pages every time), ~1 ms of CPU per 12 MP photo; the extra byte
+                # tells a file still growing, whose rest is read up to the cap
+                data = handle.read(status.st_size + 1)
+                if len(data) > status.st_size:
+                    data += handle.read(self.max_bytes + 1 - len(data))
             call.received(len(data))
         finally:
             os.close(fd)
