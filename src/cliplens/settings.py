@@ -193,8 +193,10 @@ class Settings:
     """Downloads in flight across all requests; the rest wait (visible as load queue time)."""
     max_batch: Annotated[int, _AtLeastOne] = 32
     """Most images the model worker embeds in one forward pass."""
-    batch_wait_ms: Annotated[float, _NotNegative] = 2.0
-    """How long the model worker may wait for a fuller batch, only while more images are on the way."""
+    batch_wait_ms: Annotated[float, _NotNegative] = 20.0
+    """How long the model worker may wait for a fuller batch: only while more images are on the way,
+    none of those queued is the last one its request waits for, and the last forward pass took less
+    than this (a slower model fills its batches while it works)."""
 
     cache_bytes: Annotated[int, _NotNegative] = 256 * 1024 * 1024
     """Bound of the in-process embedding cache (pipeline/cache.py), in bytes; 0 turns it off."""

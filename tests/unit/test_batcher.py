@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from cliplens.pipeline.batcher import Batcher
+from cliplens.pipeline.batcher import Batcher, Expected
 from cliplens.pipeline.preprocess import PreprocessConfig, Preprocessor
 from cliplens.telemetry.metrics import Metrics
 from cliplens.telemetry.stages import RequestTimeline
@@ -59,10 +59,12 @@ async def _request(
     tracer = tracer_provider.get_tracer("t")
     with tracer.start_as_current_span("request") as span:
         timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
-        batcher.expect(len(values))
+        expected = batcher.expect(len(values))
         vectors = await asyncio.gather(
             *(
-                batcher.embed(image(v), timeline.enter(i, Stage.EMBED, str(v)), span.get_span_context())
+                batcher.embed(
+                    image(v), timeline.enter(i, Stage.EMBED, str(v)), span.get_span_context(), expected
+                )
                 for i, v in enumerate(values)
             )
         )
@@ -121,22 +123,94 @@ def test_the_worker_waits_for_announced_images_up_to_the_maximum() -> None:
             with tracer.start_as_current_span("request") as span:
                 timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
                 ctx = span.get_span_context()
-                batcher.expect(3)
+                expected = batcher.expect(3)
                 first = asyncio.ensure_future(
-                    batcher.embed(image(1), timeline.enter(0, Stage.EMBED, "a"), ctx)
+                    batcher.embed(image(1), timeline.enter(0, Stage.EMBED, "a"), ctx, expected)
                 )
                 await asyncio.sleep(0.2)
                 assert model.batches == []
                 second = asyncio.ensure_future(
-                    batcher.embed(image(2), timeline.enter(1, Stage.EMBED, "b"), ctx)
+                    batcher.embed(image(2), timeline.enter(1, Stage.EMBED, "b"), ctx, expected)
                 )
-                batcher.withdraw(1)
+                await asyncio.sleep(0.2)
+                assert model.batches == [], "the third image is still on its way"
+                batcher.withdraw(expected)
                 await asyncio.gather(first, second)
         finally:
             await batcher.close()
 
     asyncio.run(scenario())
     assert model.batches == [2]
+
+
+def test_the_last_image_of_a_request_is_not_held_for_other_requests_images() -> None:
+    """Request A's last image goes at once, with what is queued, though B's images are still on
+    their way and the batch wait is long: A is answered when its last image is."""
+    model = RecordingModel()
+
+    async def scenario() -> float:
+        batcher, _, metrics = make(model, max_batch=8, wait_s=30.0)
+        batcher.start()
+        try:
+            tracer = TracerProvider().get_tracer("t")
+            with tracer.start_as_current_span("request") as span:
+                ctx = span.get_span_context()
+                timeline = RequestTimeline(metrics, Modality.IMAGE, ctx)
+                a, b = batcher.expect(2), batcher.expect(5)
+
+                def send(value: int, expected: Expected) -> asyncio.Future[np.ndarray]:
+                    timing = timeline.enter(value, Stage.EMBED, str(value))
+                    return asyncio.ensure_future(batcher.embed(image(value), timing, ctx, expected))
+
+                first, other = send(1, a), send(2, b)
+                await asyncio.sleep(0.2)
+                assert model.batches == [], "A and B both have images on their way: the batch waits"
+                started = time.perf_counter()
+                await send(3, a)
+                waited = time.perf_counter() - started
+                for _ in range(4):
+                    batcher.withdraw(b)
+                await asyncio.gather(first, other)
+                return waited
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()) < 10.0
+    assert model.batches == [3]
+
+
+def test_a_model_slower_than_the_wait_does_not_wait_for_fuller_batches() -> None:
+    """Its last forward pass took longer than the wait: new images queue while it works, so a wait
+    would only leave it idle. B's first image goes alone at once, though two more are coming (had it
+    waited, the second, sent 0.2 s later, would have joined it)."""
+    model = RecordingModel(delay_s=0.6)
+
+    async def scenario() -> None:
+        batcher, _, metrics = make(model, max_batch=8, wait_s=0.5)
+        batcher.start()
+        try:
+            tracer = TracerProvider().get_tracer("t")
+            with tracer.start_as_current_span("request") as span:
+                ctx = span.get_span_context()
+                timeline = RequestTimeline(metrics, Modality.IMAGE, ctx)
+                a = batcher.expect(1)
+                await batcher.embed(image(1), timeline.enter(0, Stage.EMBED, "a"), ctx, a)
+                b = batcher.expect(3)
+                first = asyncio.ensure_future(
+                    batcher.embed(image(2), timeline.enter(1, Stage.EMBED, "b"), ctx, b)
+                )
+                await asyncio.sleep(0.2)
+                second = asyncio.ensure_future(
+                    batcher.embed(image(3), timeline.enter(2, Stage.EMBED, "c"), ctx, b)
+                )
+                await asyncio.sleep(0.1)
+                batcher.withdraw(b)
+                await asyncio.gather(first, second)
+        finally:
+            await batcher.close()
+
+    asyncio.run(scenario())
+    assert model.batches == [1, 1, 1]
 
 
 def test_batch_spans_link_to_the_requests_they_served() -> None:
@@ -152,8 +226,10 @@ def test_batch_spans_link_to_the_requests_they_served() -> None:
             with tracer.start_as_current_span("request") as span:
                 contexts.append((span.get_span_context().trace_id, span.get_span_context().span_id))
                 timeline = RequestTimeline(metrics, Modality.IMAGE, span.get_span_context())
-                batcher.expect(1)
-                await batcher.embed(image(3), timeline.enter(0, Stage.EMBED, "x"), span.get_span_context())
+                expected = batcher.expect(1)
+                await batcher.embed(
+                    image(3), timeline.enter(0, Stage.EMBED, "x"), span.get_span_context(), expected
+                )
         finally:
             await batcher.close()
         return exporter, contexts

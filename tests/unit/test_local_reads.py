@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from cliplens.pipeline import sources
 from cliplens.pipeline.sources import LocalDirectorySource
 from cliplens.vocabulary import ErrorCode, ItemError
 
@@ -43,7 +42,7 @@ def test_a_file_that_grew_after_its_stat_is_read_whole(
 ) -> None:
     data = os.urandom(200_000)
     (tmp_path / "growing.jpg").write_bytes(data)
-    monkeypatch.setattr(sources.os, "fstat", _stat_saying(1_000, os.fstat))
+    monkeypatch.setattr(os, "fstat", _stat_saying(1_000, os.fstat))
     assert LocalDirectorySource(tmp_path, max_bytes=1_000_000).load("growing.jpg").data == data
 
 
@@ -51,7 +50,7 @@ def test_a_file_that_grew_past_the_cap_after_its_stat_is_too_large(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "growing.jpg").write_bytes(bytes(5_000))
-    monkeypatch.setattr(sources.os, "fstat", _stat_saying(1_000, os.fstat))
+    monkeypatch.setattr(os, "fstat", _stat_saying(1_000, os.fstat))
     with pytest.raises(ItemError) as refused:
         LocalDirectorySource(tmp_path, max_bytes=4_000).load("growing.jpg")
     assert refused.value.code is ErrorCode.TOO_LARGE

@@ -2,10 +2,18 @@
 
 Preprocessed images from every request go into one queue. The worker takes whatever is queued, up
 to `max_batch`, and runs one forward pass on its own thread, so the event loop keeps serving. It
-waits for a fuller batch only while more images are known to be on their way (announced with
-`expect` by the service, withdrawn with `withdraw` when an image fails before reaching the model),
-and never longer than `max_wait_s`: a lone request is never held back by a timer. While a forward
-pass runs, new images simply queue, so under load batches fill up by themselves.
+waits for a fuller batch (never longer than `max_wait_s`) only while more images are known to be on
+their way (each request announces its images with `expect`, and `withdraw`s one that fails before
+reaching the model), only while no queued image is the last one its request waits for, and only
+while the last forward pass took less time than `max_wait_s`:
+
+- A request is answered when its last image is, so the images that wait are ones whose requests
+  wait for later images anyway: a lone image, or the last of a request, never waits for a timer.
+- While a forward pass runs, new images simply queue: a model slower than the wait fills its
+  batches by itself, and waiting would only leave it idle. A fast model (a GPU, a small model)
+  fed one image at a time by the host would run a forward pass per image; the wait gathers them,
+  sparing each image the fixed cost of a pass (operator calls, a thread hand-off, a span), CPU
+  the decoders need.
 
 Each batch is one `embed batch` span linked to the requests it served; each request's `embed`
 span links back to the batches that carried its images.
@@ -35,10 +43,18 @@ _STOPPED = "the model worker has stopped: the service is shutting down"
 
 
 @dataclass(eq=False, slots=True)
+class Expected:
+    """The images of one request still on their way to the model (`Batcher.expect`)."""
+
+    remaining: int
+
+
+@dataclass(eq=False, slots=True)
 class _Pending:
     image: torch.Tensor
     timing: StageTiming
     request: SpanContext
+    expected: Expected
     future: asyncio.Future[np.ndarray]
 
 
@@ -64,6 +80,8 @@ class Batcher:
         self._queue: deque[_Pending] = deque()
         self._upstream = 0
         self._wakeup = asyncio.Event()
+        self._worked_s = 0.0
+        """How long the last forward pass of images took (wall time, as the event loop saw it)."""
         self._thread = metrics.pool(1, "model")
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
@@ -88,24 +106,43 @@ class Batcher:
     def queued(self) -> int:
         return len(self._queue)
 
-    def expect(self, count: int) -> None:
-        """`count` more images are on their way (loading, decoding, preprocessing)."""
+    def expect(self, count: int) -> Expected:
+        """A request's `count` images are on their way (loading, decoding, preprocessing)."""
         self._upstream += count
+        return Expected(count)
 
-    def withdraw(self, count: int = 1) -> None:
-        """Images announced by `expect` that will not come after all (they failed earlier)."""
-        self._upstream = max(0, self._upstream - count)
-        self._wakeup.set()
+    def withdraw(self, expected: Expected) -> None:
+        """One of the request's images will not come after all (it failed, or was a cache hit)."""
+        self._arrived(expected)
+        self._wakeup.set()  # it may have been what a queued image of its request was waiting for
 
-    async def embed(self, image: torch.Tensor, timing: StageTiming, request: SpanContext) -> np.ndarray:
-        """Queue one preprocessed image (announced by `expect`) and wait for its vector."""
+    async def embed(
+        self, image: torch.Tensor, timing: StageTiming, request: SpanContext, expected: Expected
+    ) -> np.ndarray:
+        """Queue one preprocessed image of the request `expected` and wait for its vector."""
         if self._closed:
             raise ShuttingDown(_STOPPED)
-        self._upstream = max(0, self._upstream - 1)
+        self._arrived(expected)
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(image, timing, request, future))
+        self._queue.append(_Pending(image, timing, request, expected, future))
         self._wakeup.set()
         return await future
+
+    def _arrived(self, expected: Expected) -> None:
+        if expected.remaining > 0:
+            expected.remaining -= 1
+            self._upstream -= 1
+
+    def _worth_waiting(self) -> bool:
+        """More images are on their way, the batch has room, no queued image is the last one its
+        request waits for (the queue is at most `max_batch` long here), and the model is faster
+        than the wait (see the module docstring)."""
+        return (
+            len(self._queue) < self.max_batch
+            and self._upstream > 0
+            and all(item.expected.remaining for item in self._queue)
+            and self._worked_s < self.max_wait_s
+        )
 
     async def embed_texts(
         self, tokens: torch.Tensor, timings: Sequence[StageTiming], request: SpanContext
@@ -135,13 +172,13 @@ class Batcher:
             return self.model.encode_images(tensor)
 
     async def _gather(self) -> list[_Pending]:
-        """Wait for work, then linger (at most max_wait_s) only while more images are on the way."""
+        """Wait for work, then linger (at most max_wait_s) while `_worth_waiting`."""
         while not self._queue:
             self._wakeup.clear()
             await self._wakeup.wait()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(self._queue) < self.max_batch and self._upstream > 0:
+        while self._worth_waiting():
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -160,6 +197,7 @@ class Batcher:
             items = [item for item in items if not item.future.done()]
             if not items:
                 continue
+            started = loop.time()
             batch = BatchTiming(
                 self.tracer,
                 self.metrics,
@@ -182,6 +220,8 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            finally:
+                self._worked_s = loop.time() - started
             for item, vector in zip(items, vectors, strict=True):
                 item.timing.start(at=batch.started_ns)
                 item.timing.end(at=batch.ended_ns)

@@ -39,7 +39,7 @@ import torch
 from opentelemetry.trace import SpanContext, Tracer
 
 from cliplens.machine import usable_cpus
-from cliplens.pipeline.batcher import Batcher
+from cliplens.pipeline.batcher import Batcher, Expected
 from cliplens.pipeline.budget import MemoryBudget, return_free_memory
 from cliplens.pipeline.cache import EmbeddingCache, content_key, model_fingerprint
 from cliplens.pipeline.decode import DecodedImage, decode_cost, decode_image, decode_on_device
@@ -365,9 +365,9 @@ class EmbeddingService:
         deadline = time.monotonic() + self.settings.request_timeout_s
         try:
             self.metrics.request_images.observe(len(items), exemplar_for(request))
-            self.batcher.expect(len(items))
+            expected = self.batcher.expect(len(items))
             work = (
-                self._embed_one(index, item, timeline, request, deadline, read_cache)
+                self._embed_one(index, item, timeline, request, deadline, expected, read_cache)
                 for index, item in enumerate(items)
             )
             tasks = [self._track(asyncio.ensure_future(coroutine)) for coroutine in work]
@@ -608,15 +608,17 @@ class EmbeddingService:
         timeline: RequestTimeline,
         request: SpanContext,
         deadline: float,
+        expected: Expected,
         read_cache: bool = True,
     ) -> ItemResult:
-        """One item through every stage. Until it reaches the model it is `expect`ed by the batcher,
-        so every way out before that (cache hit, error, deadline) withdraws it."""
+        """One item through every stage. Until it reaches the model it is one of the images
+        `expected` by the batcher, so every way out before that (cache hit, error, deadline)
+        withdraws it."""
         label = item if isinstance(item, str) else str(item)
         try:
             reference = self.parser.parse(item) if isinstance(item, str) else item
         except ItemError as exc:
-            self._abandon(timeline.enter(index, Stage.LOAD, label), exc, queued_for_model=False)
+            self._abandon(timeline.enter(index, Stage.LOAD, label), exc, expected)
             return ItemResult(index, label, error=exc)
         cache = self.cache
         look_up_first = cache is not None and read_cache and self.sources.identifies(reference)
@@ -628,7 +630,7 @@ class EmbeddingService:
             if look_up_first:
                 key, vector = await self._look_up(timing, reference, None, deadline, read=True)
                 if vector is not None:
-                    self.batcher.withdraw()
+                    self.batcher.withdraw(expected)
                     return ItemResult(index, label, vector, cached=True)
                 timing = timeline.enter(index, Stage.LOAD, label)
             content = await self._load(timing, reference, deadline)
@@ -640,7 +642,7 @@ class EmbeddingService:
                 timing = timeline.enter(index, Stage.CACHE, label)
                 key, vector = await self._look_up(timing, reference, content, deadline, read_cache)
                 if vector is not None:
-                    self.batcher.withdraw()
+                    self.batcher.withdraw(expected)
                     return ItemResult(index, label, vector, cached=True)
             del content
             timing = timeline.enter(index, Stage.DECODE, label)
@@ -657,35 +659,37 @@ class EmbeddingService:
             self.budget.take(held := image.numel() * image.element_size())
             timing = timeline.enter(index, Stage.EMBED, label)
             queued_for_model = True
-            vector = await self.batcher.embed(image, timing, request)
+            vector = await self.batcher.embed(image, timing, request, expected)
             if cache is not None and key is not None:
                 cache.put_many([(key, vector)])
             return ItemResult(index, label, vector)
         except ItemError as exc:
-            self._abandon(timing, exc, queued_for_model)
+            self._abandon(timing, exc, None if queued_for_model else expected)
             return ItemResult(index, label, error=exc)
         except asyncio.CancelledError:
-            self._abandon(timing, ItemError(ErrorCode.TIMEOUT, "request deadline"), queued_for_model)
+            error = ItemError(ErrorCode.TIMEOUT, "request deadline")
+            self._abandon(timing, error, None if queued_for_model else expected)
             raise
         except Exception as exc:
             if queued_for_model:
                 raise
             log.exception("unexpected failure in stage %s", timing.stage, extra={"index": index})
             error = ItemError(ErrorCode.INTERNAL, f"{timing.stage} failed unexpectedly: {type(exc).__name__}")
-            self._abandon(timing, error, queued_for_model)
+            self._abandon(timing, error, expected)
             return ItemResult(index, label, error=error)
         finally:
             self.budget.give(held)
             if pixels_held:
                 self.budget.end_decode(pixels_held)
 
-    def _abandon(self, timing: StageTiming, error: ItemError, queued_for_model: bool) -> None:
-        """The item leaves the pipeline early: close its open stage and release its model slot.
+    def _abandon(self, timing: StageTiming, error: ItemError, expected: Expected | None) -> None:
+        """The item leaves the pipeline early: close its open stage and, unless it already reached
+        the model (`expected` None), withdraw it from the images the batcher expects.
 
         A stage a worker thread is running is left to that thread to close (`end` counts once).
         """
         if timing.started_ns is None:
             timing.start()
             timing.end(error)
-        if not queued_for_model:
-            self.batcher.withdraw()
+        if expected is not None:
+            self.batcher.withdraw(expected)
