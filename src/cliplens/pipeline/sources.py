@@ -379,10 +379,13 @@ def _storage_errors(reference: object, timeout_s: float, call: ClientCall) -> It
         raise _Transient(
             ErrorCode.TIMEOUT, f"downloading {reference} took longer than {timeout_s:.1f} s", "timeout"
         ) from None
-    except aiohttp.ClientSSLError as exc:
-        call.fail(exc)  # a certificate stays wrong on a second try: no retry
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # a certificate refused stays refused: no retry (a handshake cut short is retried below)
+        call.fail(exc)
+        reason = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
         raise ItemError(
-            ErrorCode.STORAGE_UNAVAILABLE, f"no TLS connection for {reference}: {_tls_reason(exc)}"
+            ErrorCode.STORAGE_UNAVAILABLE,
+            f"no TLS connection for {reference}: the server's TLS certificate was refused ({reason})",
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
         call.fail(exc)
@@ -391,15 +394,6 @@ def _storage_errors(reference: object, timeout_s: float, call: ClientCall) -> It
             f"storage did not answer for {reference}: {type(exc).__name__}",
             "connection",
         ) from None
-
-
-def _tls_reason(exc: aiohttp.ClientSSLError) -> str:
-    """What went wrong in the TLS handshake, in OpenSSL's words (`Hostname mismatch, ...`)."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cause = exc.certificate_error
-        detail = getattr(cause, "verify_message", None) or str(cause)
-        return f"the server's TLS certificate was refused ({detail})"
-    return f"the TLS handshake failed ({getattr(exc.os_error, 'reason', None) or exc.os_error})"
 
 
 async def _retrying(
