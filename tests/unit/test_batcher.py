@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
@@ -69,6 +71,31 @@ async def _request(
             )
         )
     return [float(v[0]) for v in vectors]
+
+
+Send = Callable[[int, Expected], "asyncio.Future[np.ndarray]"]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    model: RecordingModel, max_batch: int, wait_s: float
+) -> AsyncIterator[tuple[Batcher, Send]]:
+    """A started batcher, and `send(value, expected)`: queue image(value) as one of the images
+    `expected` (every image under one request span), its vector a future."""
+    batcher, _, metrics = make(model, max_batch=max_batch, wait_s=wait_s)
+    batcher.start()
+    try:
+        with TracerProvider().get_tracer("t").start_as_current_span("request") as span:
+            ctx = span.get_span_context()
+            timeline = RequestTimeline(metrics, Modality.IMAGE, ctx)
+
+            def send(value: int, expected: Expected) -> asyncio.Future[np.ndarray]:
+                timing = timeline.enter(value, Stage.EMBED, str(value))
+                return asyncio.ensure_future(batcher.embed(image(value), timing, ctx, expected))
+
+            yield batcher, send
+    finally:
+        await batcher.close()
 
 
 def test_batches_mix_requests_and_respect_the_maximum() -> None:
@@ -149,31 +176,18 @@ def test_the_last_image_of_a_request_is_not_held_for_other_requests_images() -> 
     model = RecordingModel()
 
     async def scenario() -> float:
-        batcher, _, metrics = make(model, max_batch=8, wait_s=30.0)
-        batcher.start()
-        try:
-            tracer = TracerProvider().get_tracer("t")
-            with tracer.start_as_current_span("request") as span:
-                ctx = span.get_span_context()
-                timeline = RequestTimeline(metrics, Modality.IMAGE, ctx)
-                a, b = batcher.expect(2), batcher.expect(5)
-
-                def send(value: int, expected: Expected) -> asyncio.Future[np.ndarray]:
-                    timing = timeline.enter(value, Stage.EMBED, str(value))
-                    return asyncio.ensure_future(batcher.embed(image(value), timing, ctx, expected))
-
-                first, other = send(1, a), send(2, b)
-                await asyncio.sleep(0.2)
-                assert model.batches == [], "A and B both have images on their way: the batch waits"
-                started = time.perf_counter()
-                await send(3, a)
-                waited = time.perf_counter() - started
-                for _ in range(4):
-                    batcher.withdraw(b)
-                await asyncio.gather(first, other)
-                return waited
-        finally:
-            await batcher.close()
+        async with running(model, max_batch=8, wait_s=30.0) as (batcher, send):
+            a, b = batcher.expect(2), batcher.expect(5)
+            first, other = send(1, a), send(2, b)
+            await asyncio.sleep(0.2)
+            assert model.batches == [], "A and B both have images on their way: the batch waits"
+            started = time.perf_counter()
+            await send(3, a)
+            waited = time.perf_counter() - started
+            for _ in range(4):
+                batcher.withdraw(b)
+            await asyncio.gather(first, other)
+            return waited
 
     assert asyncio.run(scenario()) < 10.0
     assert model.batches == [3]
@@ -186,28 +200,16 @@ def test_a_model_slower_than_the_wait_does_not_wait_for_fuller_batches() -> None
     model = RecordingModel(delay_s=0.6)
 
     async def scenario() -> None:
-        batcher, _, metrics = make(model, max_batch=8, wait_s=0.5)
-        batcher.start()
-        try:
-            tracer = TracerProvider().get_tracer("t")
-            with tracer.start_as_current_span("request") as span:
-                ctx = span.get_span_context()
-                timeline = RequestTimeline(metrics, Modality.IMAGE, ctx)
-                a = batcher.expect(1)
-                await batcher.embed(image(1), timeline.enter(0, Stage.EMBED, "a"), ctx, a)
-                b = batcher.expect(3)
-                first = asyncio.ensure_future(
-                    batcher.embed(image(2), timeline.enter(1, Stage.EMBED, "b"), ctx, b)
-                )
-                await asyncio.sleep(0.2)
-                second = asyncio.ensure_future(
-                    batcher.embed(image(3), timeline.enter(2, Stage.EMBED, "c"), ctx, b)
-                )
-                await asyncio.sleep(0.1)
-                batcher.withdraw(b)
-                await asyncio.gather(first, second)
-        finally:
-            await batcher.close()
+        async with running(model, max_batch=8, wait_s=0.5) as (batcher, send):
+            a = batcher.expect(1)
+            await send(1, a)
+            b = batcher.expect(3)
+            first = send(2, b)
+            await asyncio.sleep(0.2)
+            second = send(3, b)
+            await asyncio.sleep(0.1)
+            batcher.withdraw(b)
+            await asyncio.gather(first, second)
 
     asyncio.run(scenario())
     assert model.batches == [1, 1, 1]
