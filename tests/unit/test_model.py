@@ -1,9 +1,13 @@
+import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from cliplens.pipeline.model import TorchBackend, cpu_has_native_bf16, model_id, resolve_dtype
+from cliplens.pipeline import model as model_module
+from cliplens.pipeline.model import TorchBackend, cpu_has_native_bf16, model_id, resolve_dtype, splits_well
 from cliplens.settings import Settings
 from tests.conftest import cosines
 
@@ -62,3 +66,83 @@ def test_reduced_precision_stays_within_cosine_0_999_of_float32(dtype: str) -> N
         assert next(model.backend.module.parameters()).dtype == getattr(torch, name)
         vectors[name] = model.encode_images(image)
     assert cosines(vectors["float32"], vectors[dtype]).min() >= 0.999
+
+
+@pytest.mark.parametrize(
+    ("one_thread_ms", "all_threads_ms", "splits"),
+    [(152.3, 112.6, True), (87.8, 64.3, True), (1.2, 2.7, False), (1.05, 1.0, False), (1.1, 1.0, True)],
+    ids=["vit-b-32-float32", "vit-b-32-bfloat16", "free-model", "5pct-faster", "10pct-faster"],
+)
+def test_more_threads_must_make_a_pass_10pct_faster(
+    one_thread_ms: float, all_threads_ms: float, splits: bool
+) -> None:
+    """The first three are the passes measured on 2 cores (AMD EPYC) that MIN_THREAD_SPEEDUP is set from."""
+    assert splits_well(one_thread_ms, all_threads_ms) is splits
+
+
+@pytest.fixture
+def torch_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _threads_of_a_new_thread() -> int:
+    """What a thread started after the model loaded (the model worker, a decode worker) runs with."""
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    worker.start()
+    worker.join()
+    return seen[0]
+
+
+@pytest.mark.parametrize(("faster_on", "expected"), [("all", 2), ("one", 1)])
+def test_the_model_gets_the_cores_only_when_they_make_it_faster(
+    tiny_model: str,
+    torch_threads: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    faster_on: str,
+    expected: int,
+) -> None:
+    """Timings stand in for a big and a small model; what is under test is that the count chosen
+    at load is the one later threads run torch with, and that the log says what was measured."""
+    timed: list[int] = []
+
+    def pass_seconds(loaded: object, threads: int) -> float:
+        timed.append(threads)
+        return {"all": {1: 0.2, 2: 0.1}, "one": {1: 0.001, 2: 0.003}}[faster_on][threads]
+
+    monkeypatch.setattr(model_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(model_module, "_image_pass_seconds", pass_seconds)
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.INFO, logger="cliplens.pipeline.model"):
+        model_module.load_model(Settings(model=tiny_model, pretrained="none", dtype="float32"))
+    assert sorted(timed) == [1, 2]
+    assert _threads_of_a_new_thread() == expected
+    (loaded,) = [r for r in caplog.records if r.getMessage() == "model loaded"]
+    assert (loaded.threads, loaded.pass_ms_1_thread, loaded.pass_ms_2_threads) == (  # type: ignore[attr-defined]
+        expected,
+        *((200.0, 100.0) if faster_on == "all" else (1.0, 3.0)),
+    )
+
+
+def test_an_operators_thread_count_is_not_second_guessed(
+    tiny_model: str, torch_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def pass_seconds(loaded: object, threads: int) -> float:
+        raise AssertionError("timed although CLIPLENS_MODEL_THREADS was set")
+
+    monkeypatch.setattr(model_module, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(model_module, "_image_pass_seconds", pass_seconds)
+    torch.set_num_threads(2)
+    model_module.load_model(Settings(model=tiny_model, pretrained="none", dtype="float32", model_threads=2))
+    assert _threads_of_a_new_thread() == 2
+
+
+def test_one_pass_is_timed_at_the_thread_count_asked(tiny_model: str, torch_threads: None) -> None:
+    loaded = model_module.load_model(
+        Settings(model=tiny_model, pretrained="none", dtype="float32", model_threads=1)
+    )
+    assert 0 < model_module._image_pass_seconds(loaded, 1) < 10
+    assert torch.get_num_threads() == 1
