@@ -3,6 +3,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,9 +110,9 @@ def test_the_model_gets_the_cores_only_when_they_make_it_faster(
     at load is the one later threads run torch with, and that the log says what was measured."""
     timed: list[int] = []
 
-    def pass_seconds(loaded: object, threads: int) -> float:
-        timed.append(threads)
-        return {"all": {1: 0.2, 2: 0.1}, "one": {1: 0.001, 2: 0.003}}[faster_on][threads]
+    def pass_seconds(loaded: object, counts: tuple[int, ...]) -> dict[int, float]:
+        timed.extend(counts)
+        return {"all": {1: 0.2, 2: 0.1}, "one": {1: 0.001, 2: 0.003}}[faster_on]
 
     monkeypatch.setattr(model_module, "usable_cpus", lambda: 2)
     monkeypatch.setattr(model_module, "_image_pass_seconds", pass_seconds)
@@ -130,7 +131,7 @@ def test_the_model_gets_the_cores_only_when_they_make_it_faster(
 def test_an_operators_thread_count_is_not_second_guessed(
     tiny_model: str, torch_threads: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def pass_seconds(loaded: object, threads: int) -> float:
+    def pass_seconds(loaded: object, counts: tuple[int, ...]) -> dict[int, float]:
         raise AssertionError("timed although CLIPLENS_MODEL_THREADS was set")
 
     monkeypatch.setattr(model_module, "usable_cpus", lambda: 2)
@@ -140,9 +141,19 @@ def test_an_operators_thread_count_is_not_second_guessed(
     assert _threads_of_a_new_thread() == 2
 
 
-def test_one_pass_is_timed_at_the_thread_count_asked(tiny_model: str, torch_threads: None) -> None:
-    loaded = model_module.load_model(
-        Settings(model=tiny_model, pretrained="none", dtype="float32", model_threads=1)
-    )
-    assert 0 < model_module._image_pass_seconds(loaded, 1) < 10
-    assert torch.get_num_threads() == 1
+def test_passes_are_timed_at_each_thread_count_asked(
+    tiny_model: str, torch_threads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(model=tiny_model, pretrained="none", dtype="float32", model_threads=1)
+    loaded = model_module.load_model(settings)
+    seen: list[int] = []
+    encode = loaded.encode_images
+
+    def counting(batch: torch.Tensor) -> np.ndarray:
+        seen.append(torch.get_num_threads())
+        return encode(batch)
+
+    monkeypatch.setattr(loaded, "encode_images", counting)
+    best = model_module._image_pass_seconds(loaded, (1, 2), rounds=3)
+    assert seen == [1, 2] * 4, "one untimed pass each, then three rounds taking turns"
+    assert set(best) == {1, 2} and all(0 < seconds < 10 for seconds in best.values())

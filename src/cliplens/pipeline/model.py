@@ -401,13 +401,13 @@ def size_model_threads(loaded: LoadedModel, cores: int) -> dict[str, int | float
     `MIN_THREAD_SPEEDUP` faster (timed here, on one image, after the warm-up). Threads that run
     torch later (the model worker, the decode workers) take the count set here; returns what was
     measured and chosen, for the log."""
-    one_s, all_s = (_image_pass_seconds(loaded, threads) for threads in (1, cores))
-    chosen = cores if splits_well(one_s, all_s) else 1
+    best = _image_pass_seconds(loaded, (1, cores))
+    chosen = cores if splits_well(best[1], best[cores]) else 1
     torch.set_num_threads(chosen)
     return {
         "threads": chosen,
-        "pass_ms_1_thread": round(one_s * 1e3, 2),
-        f"pass_ms_{cores}_threads": round(all_s * 1e3, 2),
+        "pass_ms_1_thread": round(best[1] * 1e3, 2),
+        f"pass_ms_{cores}_threads": round(best[cores] * 1e3, 2),
     }
 
 
@@ -416,18 +416,20 @@ def splits_well(one_thread_s: float, all_threads_s: float) -> bool:
     return one_thread_s >= MIN_THREAD_SPEEDUP * all_threads_s
 
 
-def _image_pass_seconds(loaded: LoadedModel, threads: int, rounds: int = 2) -> float:
-    """The best of `rounds` forward passes of one image on `threads` intra-op threads, after one
-    untimed pass at that count."""
-    torch.set_num_threads(threads)
+def _image_pass_seconds(loaded: LoadedModel, counts: Sequence[int], rounds: int = 3) -> dict[int, float]:
+    """{threads: the best of `rounds` forward passes of one image on that many intra-op threads}.
+    The counts take turns, so that a moment of interference on the machine slows one round of
+    each rather than all of one; each count gets an untimed pass first."""
     height, width = loaded.preprocess.size
     image = torch.zeros(1, 3, height, width, dtype=loaded.dtype)
-    loaded.encode_images(image)
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        loaded.encode_images(image)
-        best = min(best, time.perf_counter() - started)
+    best = dict.fromkeys(counts, float("inf"))
+    for timed in [False] + [True] * rounds:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            loaded.encode_images(image)
+            if timed:
+                best[threads] = min(best[threads], time.perf_counter() - started)
     return best
 
 
