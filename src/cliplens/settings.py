@@ -186,8 +186,8 @@ class Settings:
     """Threads of the one process-wide decode/preprocess executor; 0 = the cores this process may use."""
     model_threads: Annotated[int, _NotNegative, _env("CLIPLENS_MODEL_THREADS", "CLIPLENS_TORCH_THREADS")] = 0
     """Intra-op threads of the model runtime (`CLIPLENS_TORCH_THREADS` still works); 0 = the cores
-    this process may use, except for a torch model on the CPU whose forward pass they do not make
-    at least 1.1x faster (timed at start-up, on one image): a model too small to split gets one."""
+    this process may use, except for a torch model on the CPU whose forward pass they make at least
+    1.3x slower (timed at start-up, on one image): a model too small to split gets one."""
     gpu_decode: bool = False
     """With a CUDA device, decode JPEGs on the GPU (nvJPEG through torchvision) instead of the CPU."""
     max_downloads: Annotated[int, _AtLeastOne] = 32

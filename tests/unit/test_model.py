@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from cliplens.pipeline import model as model_module
-from cliplens.pipeline.model import TorchBackend, cpu_has_native_bf16, model_id, resolve_dtype, splits_well
+from cliplens.pipeline.model import (
+    TorchBackend,
+    cpu_has_native_bf16,
+    model_id,
+    resolve_dtype,
+    too_small_to_split,
+)
 from cliplens.settings import Settings
 from tests.conftest import cosines
 
@@ -70,15 +76,22 @@ def test_reduced_precision_stays_within_cosine_0_999_of_float32(dtype: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("one_thread_ms", "all_threads_ms", "splits"),
-    [(152.3, 112.6, True), (87.8, 64.3, True), (1.2, 2.7, False), (1.05, 1.0, False), (1.1, 1.0, True)],
-    ids=["vit-b-32-float32", "vit-b-32-bfloat16", "free-model", "5pct-faster", "10pct-faster"],
+    ("one_thread_ms", "all_threads_ms", "one_thread"),
+    [
+        (152.3, 112.6, False),
+        (86.9, 89.5, False),
+        (1.16, 2.03, True),
+        (1.0, 1.25, False),
+        (1.0, 1.3, True),
+    ],
+    ids=["vit-b-32-idle", "vit-b-32-busy-start", "free-model", "25pct-slower", "30pct-slower"],
 )
-def test_more_threads_must_make_a_pass_10pct_faster(
-    one_thread_ms: float, all_threads_ms: float, splits: bool
+def test_one_thread_only_when_more_make_a_pass_30pct_slower(
+    one_thread_ms: float, all_threads_ms: float, one_thread: bool
 ) -> None:
-    """The first three are the passes measured on 2 cores (AMD EPYC) that MIN_THREAD_SPEEDUP is set from."""
-    assert splits_well(one_thread_ms, all_threads_ms) is splits
+    """The first three are passes measured on 2 cores (AMD EPYC): ViT-B-32 on an idle machine and
+    in a benchmark server that started beside other work, and the free model."""
+    assert too_small_to_split(one_thread_ms, all_threads_ms) is one_thread
 
 
 @pytest.fixture
