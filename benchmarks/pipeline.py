@@ -12,7 +12,9 @@ Variants, each a real HTTP server in its own process, loaded by this process ove
   ViT written to a `local-dir:` folder), at 50 x 30 with 12 MP photos only and 2 MP photos only.
   It measures the host side alone: its images/s against the host limit (usable cores / the mean
   single-core seconds per image of the fastest decode path measured here on the same photos, at
-  the fidelity cliplens keeps) is the **host efficiency**;
+  the fidelity cliplens keeps) is the **host efficiency**. With py-spy (the `bench` extra) and the
+  right to ptrace, it also reports the GIL held per image served, by thread, and so the most
+  images/s one process could serve whatever its cores;
 - `cliplens-onnx` and `cliplens-onnx-int8`: default settings on ONNX Runtime
   (CLIPLENS_RUNTIME=onnxruntime), float32 and int8 (CLIPLENS_DTYPE); they and the original also
   run 50 x 6, where the original survives;
@@ -51,6 +53,8 @@ import itertools
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,6 +120,9 @@ class ScenarioResult:
     cores_busy: float = 0.0
     error_codes: dict[str, int] = dataclasses.field(default_factory=dict)
     """Items not served, by item error code (`timeout`: the request deadline passed first)."""
+    gil_ms: dict[str, float] | str | None = None
+    """Milliseconds per image served that each thread group held the GIL (`GilSampler`), or why
+    that was not measured; None where it was not asked for."""
 
     @property
     def throughput(self) -> float:
@@ -399,6 +406,78 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     return groups
 
 
+GIL_SAMPLES_PER_S = 50
+"""py-spy's sampling rate for `GilSampler`: enough samples in a scenario of tens of seconds, little
+enough CPU (it reads the server's memory without stopping it) not to move the run measurably."""
+
+
+class GilSampler:
+    """Which thread holds a server's GIL, sampled by `py-spy record --gil --nonblocking` while a
+    scenario runs. One process's Python runs one thread at a time, so the GIL held per image served
+    bounds what one process can serve whatever its cores: the number for a GPU host, where nothing
+    else does. py-spy comes with the `bench` extra and needs the right to ptrace the server (root,
+    or `kernel.yama.ptrace_scope` 0); without either, `stop` says why instead."""
+
+    def __init__(self, pid: int, output: Path) -> None:
+        self.output = output
+        self.problem = ""
+        self._process: subprocess.Popen[bytes] | None = None
+        found = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if found is None:
+            self.problem = "py-spy is not installed (pip install -e '.[bench]')"
+            return
+        output.unlink(missing_ok=True)
+        self._log = output.with_suffix(".log")
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen(
+                [
+                    *(found, "record", "--pid", str(pid), "--gil", "--nonblocking", "--threads"),
+                    *("--rate", str(GIL_SAMPLES_PER_S), "--format", "raw", "--output", str(output)),
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        time.sleep(1.0)  # attached before the load starts (the server is idle meanwhile)
+
+    def stop(self, served: int, wall_s: float) -> dict[str, float] | str:
+        """Milliseconds per image served that each thread group held the GIL, and under
+        `SAMPLER_CORES` py-spy's own CPU (cores, over `wall_s`); or why it was not measured."""
+        if self._process is None:
+            return self.problem
+        sampler_s = sum(thread_cpu_seconds(self._process.pid).values())
+        self._process.send_signal(signal.SIGINT)  # py-spy writes its samples out on Ctrl-C
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+        said = self._log.read_text(errors="replace")
+        if not self.output.exists() and "No samples" not in said:
+            last = said.strip().splitlines()
+            return f"py-spy could not sample the server ({last[-1] if last else 'no output'})"
+        raw = self.output.read_text(errors="replace") if self.output.exists() else ""
+        held = gil_seconds(raw, GIL_SAMPLES_PER_S)
+        ms = {group: seconds * 1000 / max(1, served) for group, seconds in held.items()}
+        return {**ms, SAMPLER_CORES: sampler_s / wall_s if wall_s else 0.0}
+
+
+SAMPLER_CORES = "py-spy"
+"""`GilSampler.stop`'s entry for the sampler's own CPU, in cores, beside the thread groups."""
+
+
+def gil_seconds(raw: str, rate: float) -> dict[str, float]:
+    """Seconds each thread group held the GIL, from `py-spy record --gil --threads --format raw`
+    sampled `rate` times a second: each line is one stack, its thread first, and its count."""
+    held: dict[str, float] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack.startswith("thread (") or not count.isdigit():
+            continue
+        name = stack.split(";", 1)[0].partition("): ")[2]
+        group = "event loop" if name == "MainThread" else THREAD_GROUPS.get(name.rpartition("_")[0], "other")
+        held[group] = held.get(group, 0.0) + int(count) / rate
+    return held
+
+
 def _metrics(url: str) -> dict[tuple[str, str], float]:
     found: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
@@ -460,10 +539,12 @@ def run_scenario_on_fresh_server(
     photos: list[str],
     warmup: list[str],
     read_cache: bool = False,
+    sample_gil: bool = False,
 ) -> ScenarioResult:
     """One scenario on a server started (and warmed up) for it alone, so scenarios do not share
     memory or warm state. A server that dies under the load (the original pipeline, out of memory)
-    is recorded as crashed, with its exit status, instead of ending the benchmark."""
+    is recorded as crashed, with its exit status, instead of ending the benchmark. `sample_gil`:
+    also sample who holds the server's GIL during the load (`GilSampler`)."""
     original = variant == "original"
     with server(command, env, log) as (url, process):
         asyncio.run(_drive(url, Scenario(len(warmup)), warmup, read_cache))
@@ -471,6 +552,7 @@ def run_scenario_on_fresh_server(
             httpx.get(f"{url}/stats", params={"reset": "true"}, timeout=30)
         else:
             before = _metrics(url)
+        sampler = GilSampler(process.pid, log.with_suffix(".gil.txt")) if sample_gil else None
         cpu_before = thread_cpu_seconds(process.pid)
         try:
             records, wall = asyncio.run(_drive(url, scenario, photos, read_cache))
@@ -478,6 +560,7 @@ def run_scenario_on_fresh_server(
             process.wait(timeout=60)
             records, wall = [], 0.0
         cpu_after = thread_cpu_seconds(process.pid)
+        gil = sampler.stop(sum(r.ok for r in records), wall) if sampler is not None else None
         if process.poll() is not None or not records or all(r.status == 0 for r in records):
             process.wait(timeout=60)
             crashed = f"server died (exit status {process.returncode}; -9 is the kernel's OOM killer here)"
@@ -508,6 +591,7 @@ def run_scenario_on_fresh_server(
         error_codes=dict(sum((Counter(r.errors) for r in records), Counter())),
         cpu_ms={group: seconds * 1000 / max(1, served) for group, seconds in cpu_s.items()},
         cores_busy=sum(cpu_s.values()) / wall if wall else 0.0,
+        gil_ms=gil,
     )
 
 
@@ -776,7 +860,8 @@ def host_efficiency(
         lines.append(
             f"| {result.scenario} | {result.throughput:.1f} | {limit:.1f} | {result.throughput / limit:.0%} |"
         )
-    return lines + cpu_by_thread([r for (v, _), r in by_key.items() if v == "cliplens-free"], cores)
+    free = [r for (v, _), r in by_key.items() if v == "cliplens-free"]
+    return lines + cpu_by_thread(free, cores) + gil_by_thread(free)
 
 
 def cpu_by_thread(results: Sequence[ScenarioResult], cores: int) -> list[str]:
@@ -796,6 +881,35 @@ def cpu_by_thread(results: Sequence[ScenarioResult], cores: int) -> list[str]:
         cells = " | ".join(f"{result.cpu_ms.get(column, 0.0):.2f}" for column in CPU_COLUMNS)
         total = sum(result.cpu_ms.values())
         lines.append(f"| {result.scenario} | {cells} | {total:.2f} | {cores - result.cores_busy:.2f} |")
+    return lines
+
+
+def gil_by_thread(results: Sequence[ScenarioResult]) -> list[str]:
+    """The GIL held per image served, by thread group, and the one-process ceiling it implies."""
+    results = [r for r in results if r.gil_ms is not None and not r.crashed]
+    if not results:
+        return []
+    lines = [
+        "",
+        "The GIL held per image served, by thread (ms; `py-spy record --gil --nonblocking`,",
+        f"{GIL_SAMPLES_PER_S} samples/s, during the same load). One process runs Python on one thread",
+        "at a time, so it cannot serve more than 1000 / total images/s, whatever its cores:",
+        "",
+        f"| scenario | {' | '.join(CPU_COLUMNS)} | total | one-process ceiling (images/s) "
+        "| py-spy's own CPU (cores) |",
+        f"|---|{'---:|' * (len(CPU_COLUMNS) + 3)}",
+    ]
+    for result in results:
+        if isinstance(result.gil_ms, str):
+            lines.append(f"| {result.scenario} | not measured: {result.gil_ms} |")
+            continue
+        assert result.gil_ms is not None
+        held = {group: ms for group, ms in result.gil_ms.items() if group != SAMPLER_CORES}
+        cells = " | ".join(f"{held.get(column, 0.0):.2f}" for column in CPU_COLUMNS)
+        total = sum(held.values())
+        ceiling = f"{1000 / total:.0f}" if total else "-"
+        sampler = result.gil_ms.get(SAMPLER_CORES, 0.0)
+        lines.append(f"| {result.scenario} | {cells} | {total:.2f} | {ceiling} | {sampler:.2f} |")
     return lines
 
 
@@ -991,6 +1105,7 @@ def main() -> None:
                 # the cache variants' warm-up is the earlier traffic their load repeats
                 mixed if variant in CACHE_VARIANTS else mixed[: min(8, len(mixed))],
                 read_cache=variant == "cliplens-cache",
+                sample_gil=variant == "cliplens-free",
             )
             results.append(result)
             shown = result.crashed or f"{result.throughput:7.2f} images/s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,25 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
         r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \|.* \| ([0-9.]+) \| [0-9.-]+ \|$", page, re.M
     )
     assert by_thread is not None and float(by_thread[2]) > 0  # the decode workers' CPU was seen
+    gil = re.search(r"^\| 2 x 2, 2 MP only \| (.*) \|$", page.split("The GIL held per image", 1)[-1], re.M)
+    assert gil is not None, page
+    if shutil.which("py-spy", path=str(Path(sys.executable).parent)) and _may_ptrace_a_sibling():
+        # sampled: six thread groups, the total, the ceiling ("-" when no sample held the GIL), py-spy's CPU
+        cells = gil[1].split(" | ")
+        assert len(cells) == 9 and all(re.fullmatch(r"[0-9.]+|-", cell) for cell in cells), gil[0]
+    else:
+        assert gil[1].startswith("not measured: "), gil[0]
+
+
+def _may_ptrace_a_sibling() -> bool:
+    """Whether py-spy, started by the benchmark, may read the server the benchmark started: with
+    CAP_SYS_PTRACE, or where Yama leaves ptrace to the classic same-user rule (scope 0 or none)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return False
+    effective = next(
+        (line.split()[1] for line in status.read_text().splitlines() if line.startswith("CapEff:")), "0"
+    )
+    scope = Path("/proc/sys/kernel/yama/ptrace_scope")
+    may_by_capability = bool(int(effective, 16) & (1 << 19))  # CAP_SYS_PTRACE
+    return may_by_capability or not scope.exists() or scope.read_text().strip() == "0"
