@@ -379,8 +379,9 @@ def load_model(settings: Settings) -> LoadedModel:
     )
     loaded.warm_up()
     threads: dict[str, int | float] = {}
-    if runtime == "torch" and device.type == "cpu" and not settings.model_threads and usable_cpus() > 1:
-        threads = size_model_threads(loaded, usable_cpus())
+    cores = usable_cpus()
+    if runtime == "torch" and device.type == "cpu" and not settings.model_threads and cores > 1:
+        threads = size_model_threads(loaded, cores)
     log.info(
         "model loaded",
         extra={"model": loaded.id, "dim": loaded.dimension, **loaded.describe(), **threads},

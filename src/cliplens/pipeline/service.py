@@ -213,6 +213,7 @@ class EmbeddingService:
         open the storage session."""
         if settings.image_root is not None:
             require_image_root(settings.image_root)
+        # load_model lowers this to one for a model too small to split (size_model_threads)
         torch.set_num_threads(settings.model_threads or usable_cpus())
         model = await asyncio.to_thread(load_model, settings)
         session = None
