@@ -111,7 +111,7 @@ def _threads_of_a_new_thread() -> int:
 
 
 @pytest.mark.parametrize(("faster_on", "expected"), [("all", 2), ("one", 1)])
-def test_the_model_gets_the_cores_only_when_they_make_it_faster(
+def test_the_count_chosen_at_load_is_what_later_threads_run_with(
     tiny_model: str,
     torch_threads: None,
     monkeypatch: pytest.MonkeyPatch,
