@@ -62,10 +62,19 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
         assert heading in page
     assert "- cores: " in page
     assert "of the model-only ceiling" in page
-    efficiency = re.search(r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \| (\d+)% \|", page)
+    efficiency = re.search(r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \| (\d+)% \| ([+-]\d+)% \|", page)
     assert efficiency is not None, page
     rate, limit, percent = float(efficiency[1]), float(efficiency[2]), int(efficiency[3])
     assert rate > 0 and limit > 0 and percent == round(100 * rate / limit)
+    # the decode paths were timed before and after the load: the limit is from their mean
+    timed = re.findall(r"^\| 2 MP \| (.+) \| ([0-9.]+) / ([0-9.]+) \| (yes|no) \|$", page, re.M)
+    assert len(timed) == 3, page
+    cores = re.search(r"^- cores: (\d+)", page, re.M)
+    assert cores is not None, page
+    fastest = min((float(a) + float(b)) / 2 for _, a, b, keeps in timed if keeps == "yes")
+    rounding = 0.05  # the milliseconds are shown to one decimal
+    assert int(cores[1]) * 1000 / (fastest + rounding) <= limit
+    assert limit <= int(cores[1]) * 1000 / max(fastest - rounding, 0.01)
     assert "host efficiency, cliplens-free at 2 x 2, 2 MP only" in page
     by_thread = re.search(
         r"\| 2 x 2, 2 MP only \| ([0-9.]+) \| ([0-9.]+) \|.* \| ([0-9.]+) \| [0-9.-]+ \|$", page, re.M

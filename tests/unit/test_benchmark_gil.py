@@ -58,3 +58,16 @@ def test_the_page_states_the_one_process_ceiling(bench: ModuleType) -> None:
     assert cells[1] == "0.40" and cells[2] == "0.60"
     assert cells[-3:] == ["1.00", "1000", "0.03"]  # total ms, 1000 / total images/s, py-spy's cores
     assert "| 50 x 30, 12 MP only | not measured: py-spy is not installed |" in lines
+
+
+def test_the_host_limit_is_taken_around_the_load_and_says_how_far_it_moved(bench: ModuleType) -> None:
+    """The limit is the mean of the decode costs timed before and after the load, from the fastest
+    path that keeps the fidelity bound; `moved` is the limit's change (+: faster after)."""
+    before = {"ours": (0.010, True), "pillow": (0.012, True), "too coarse": (0.004, False)}
+    after = {"ours": (0.0125, True), "pillow": (0.012, True), "too coarse": (0.005, False)}
+    measured = bench.Bracketed(before, after)
+    assert measured.mean["ours"] == (pytest.approx(0.01125), True)
+    limit, path = bench.host_limit(measured.mean, 2)
+    assert path == "ours" and limit == pytest.approx(2 / 0.01125)
+    assert measured.moved == pytest.approx(0.010 / 0.0125 - 1)  # the machine slowed by a fifth
+    assert bench.Bracketed(after, before).moved == pytest.approx(0.25)
