@@ -31,10 +31,11 @@ def test_gpu_preprocessing_matches_the_cpu_path() -> None:
     on_gpu = Preprocessor(PreprocessConfig(), CUDA)(pixels)
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8
     difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
-    # CUDA resizes in float and rounds once; the CPU's uint8 kernel rounds in fixed point. Measured
-    # on an H200: mean 0.1 level, a few pixels 4 levels apart at sharp edges.
-    assert difference.float().mean() < 0.5
-    assert difference.max() <= 8
+    # CUDA resizes in float, the CPU with Pillow's uint8 kernel; `resize_like_pillow` makes the
+    # float resize Pillow's two rounded passes. One float pass (before it), on an H200: mean 0.1
+    # level, a few pixels 4 levels apart. The two passes on the CPU: 1 level on 0.2% (ties).
+    assert difference.max() <= 1
+    assert (difference > 0).float().mean() < 0.01
 
 
 def test_gpu_jpeg_decode_applies_exif_and_matches_pillow() -> None:
@@ -59,16 +60,17 @@ def test_gpu_preprocessing_matches_open_clip_reference() -> None:
 
 
 def test_gpu_decoding_stays_close_to_open_clip_reference() -> None:
-    """The opt-in CLIPLENS_GPU_DECODE path. nvJPEG upsamples chroma differently from libjpeg-turbo,
-    so colour edges move a little more: measured on an H200, mean 0.0045 (under the 0.005 bound)
-    and p99 0.0300, at the 0.03 bound. This is why GPU decoding is opt-in; the bound here is
-    0.035 so that the test still catches a real regression (a non-antialiased resize gives ~0.1)."""
+    """The opt-in CLIPLENS_GPU_DECODE path. Measured on an H200 with one float resize pass: mean
+    0.0045 and p99 0.0300, at the 0.03 bound; that pass alone, on the CPU, is mean 0.0021 and p99
+    0.015 of it, and Pillow's two passes (`resize_like_pillow`) take it to 0. What is left is
+    nvJPEG's chroma upsampling, which differs from libjpeg-turbo's; not yet measured on a GPU with
+    the two passes, so the bound is the CPU tests' own (a non-antialiased resize gives ~0.1)."""
     data = REAL_PHOTO.read_bytes()
     preprocessor = Preprocessor(PreprocessConfig(), CUDA)
     decoded = decode_on_device(data, CUDA, 448, 10**9)
     ours = preprocessor.normalize([preprocessor(decoded.pixels)], torch.float32)[0].cpu()
     mean, p99 = fidelity(ours, reference(data))
-    assert mean <= 0.005 and p99 <= 0.035
+    assert mean <= 0.005 and p99 <= 0.03
 
 
 def test_auto_dtype_on_cuda_is_reduced_precision_within_cosine_0_999() -> None:
