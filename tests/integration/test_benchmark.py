@@ -36,7 +36,7 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
         "cliplens-onnx",
         "cliplens-onnx-int8",
     ):
-        assert page.count(f"| {variant} |") == 8, variant  # 4 scenarios, both tables
+        assert page.count(f"| {variant} |") == 12, variant  # 4 scenarios, three tables
     for runtime in ("torch float32", "onnxruntime float32", "onnxruntime int8"):
         found = re.search(
             rf"^\| {runtime}[^|]* \| ([0-9.]+) \(batch \d\) \| [0-9.]+x \| ([0-9.]+) / ([0-9.]+) \|",
@@ -49,9 +49,22 @@ def test_the_benchmark_runs_every_variant_and_writes_its_page(tmp_path: Path) ->
         )
     assert re.search(r"`CLIPLENS_RUNTIME=auto` .* serves (torch|onnxruntime) \w+ on this machine", page)
     assert "- onnxruntime int8, model-only: " in page and "- cliplens-onnx-int8 at 2 x 2, 2 MP only: " in page
-    assert page.count("| cliplens-free |") == 2  # its one scenario (2 MP only at --tiny), both tables
-    for variant in ("cliplens-cache", "cliplens-cache-off"):  # the 80%-repeated load, both tables
-        assert page.count(f"| 2 x 2, 80% repeated photos | {variant} |") == 2, variant
+    assert page.count("| cliplens-free |") == 3  # its one scenario (2 MP only at --tiny), three tables
+    for variant in ("cliplens-cache", "cliplens-cache-off"):  # the 80%-repeated load, three tables
+        assert page.count(f"| 2 x 2, 80% repeated photos | {variant} |") == 3, variant
+    # what bounded each run: the model's busy share (none for the original), the CPUs, a verdict
+    bounds = page.split("## What bounded each run", 1)[-1].split("## Targets", 1)[0]
+    rows = re.findall(
+        r"^\| (.+?) \| ([\w-]+) \| ([0-9.]+) \| (\d+%|-) "
+        r"\| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+|-) \| (.+) \|$",
+        bounds,
+        re.M,
+    )
+    assert len(rows) == 5 * 4 + 1 + 2, bounds  # the 5 variants' 4 scenarios, free, the cache pair
+    for _, variant, rate, busy, server, _, _, verdict in rows:
+        assert float(rate) > 0 and float(server) >= 0  # a toy run is a few of the kernel's ticks
+        assert (busy == "-") == (variant == "original")
+        assert verdict in ("the model (CPU)", "host CPU", "none saturated"), verdict
     served = re.search(r"the cache serves ([0-9.]+) images/s, ([0-9.]+)x the", page)
     assert served is not None and float(served[1]) > 0, page
     row = r"\| {} \(.*\) \| ([0-9.]+) ms \| ([0-9.]+) \|"

@@ -71,3 +71,24 @@ def test_the_host_limit_is_taken_around_the_load_and_says_how_far_it_moved(bench
     assert path == "ours" and limit == pytest.approx(2 / 0.01125)
     assert measured.moved == pytest.approx(0.010 / 0.0125 - 1)  # the machine slowed by a fifth
     assert bench.Bracketed(after, before).moved == pytest.approx(0.25)
+
+
+def test_what_bounded_a_run_is_read_from_its_own_numbers(bench: ModuleType) -> None:
+    """The model when its worker was in a forward pass 85% of the run or more, else the host CPU
+    when at most 10% of the machine's cores were idle, else nothing saturated."""
+
+    def run(model_busy: float | None, idle_cores: float | None) -> object:
+        return bench.ScenarioResult(
+            "cliplens-default", "50 x 30", 1500, 10.0, 1.0, 2.0, {}, {}, 0,
+            model_busy=model_busy, idle_cores=idle_cores,
+        )  # fmt: skip
+
+    assert bench.bound_by(run(0.97, 0.0), "cpu", 2) == "the model (CPU)"
+    assert bench.bound_by(run(0.85, 1.5), "cuda", 16) == "the model (GPU)"
+    assert bench.bound_by(run(0.40, 0.2), "cpu", 2) == "host CPU"
+    assert bench.bound_by(run(None, 0.1), "cpu", 2) == "host CPU"  # the original says nothing of its model
+    assert bench.bound_by(run(0.40, 0.5), "cpu", 2) == "none saturated"
+    assert bench.bound_by(run(0.40, None), "cpu", 2) == "none saturated"  # no /proc/stat
+    lines = bench.bounds_section([run(0.97, 0.0)], "cpu")
+    assert lines[-1].startswith("| 50 x 30 | cliplens-default | 150.0 | 97% |")
+    assert lines[-1].endswith("| 0.00 | the model (CPU) |")
