@@ -919,14 +919,18 @@ def bounds_section(results: Sequence[ScenarioResult], device: str) -> list[str]:
     return lines
 
 
+def only(size: str) -> str:
+    """The end of the label of a scenario with photos of one size only ("12mp": " 12 MP only")."""
+    return f" {size[:-2]} MP only"
+
+
 def _free_runs(
     by_key: dict[tuple[str, str], ScenarioResult], costs: dict[str, Bracketed], cores: int
 ) -> Iterator[tuple[ScenarioResult, float, str, float]]:
     """(the free-model run, its host limit in images/s, the decode path that limit is from, how far
     that limit moved during the run: `Bracketed.moved`)."""
     for size, measured in costs.items():
-        label = f" {size[:-2]} MP only"
-        runs = (r for (v, s), r in by_key.items() if v == "cliplens-free" and s.endswith(label))
+        runs = (r for (v, s), r in by_key.items() if v == "cliplens-free" and s.endswith(only(size)))
         result = next(runs, None)
         if result is not None and not result.crashed:
             limit, path = host_limit(measured.mean, cores)
@@ -1142,9 +1146,7 @@ def main() -> None:
             mixed,
         ),
     ]
-    single_size = [
-        (f"{load}, {size[:-2]} MP only", concurrent, names) for size, names in by_class.items() if names
-    ]
+    single_size = [(f"{load},{only(size)}", concurrent, names) for size, names in by_class.items() if names]
     scenarios = {variant: common + single_size[-1:] for variant in args.variants}
     six = 6
     for variant in ("original", "cliplens-float32", *RUNTIMES):
@@ -1206,7 +1208,7 @@ def main() -> None:
             variant_env["CLIPLENS_MODEL"] = f"local-dir:{free_dir}"
         print(f"variant {variant} ...", flush=True)
         for label, scenario, photos in scenarios[variant]:
-            size = next((size for size in by_class if label.endswith(f" {size[:-2]} MP only")), None)
+            size = next((size for size in by_class if label.endswith(only(size))), None)
             free_files = [mixed_dir / name for name in photos] if variant == "cliplens-free" else []
             before = decode_costs(free_files) if free_files else {}
             result = run_scenario_on_fresh_server(
