@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -87,10 +86,9 @@ def test_normalize_is_the_textbook_formula_in_one_batch() -> None:
 
 
 def _full_decode(data: bytes) -> torch.Tensor:
-    """All the pixels, as CLIPLENS_GPU_DECODE has them (torchvision's decoder, here on the CPU)."""
-    pixels: torch.Tensor = decode_jpeg(
-        torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
-    )
+    """All the pixels, as CLIPLENS_GPU_DECODE has them (its decode path, here on the CPU)."""
+    pixels = decode_on_device(data, torch.device("cpu"), PreprocessConfig().min_side, 10**9).pixels
+    assert isinstance(pixels, torch.Tensor)  # torchvision's decoder, not the Pillow fallback
     return pixels
 
 
